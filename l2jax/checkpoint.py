@@ -1,0 +1,123 @@
+"""Checkpoints: the l2jax model directory (DESIGN.md section 2) and training checkpoints with resume.
+
+A model directory holds:
+  params/         Orbax PyTree checkpoint of the parameter dict (as `llama.split` returns it)
+  config.json     the LlamaConfig
+  tokenizer.model the SentencePiece model
+  [head.json]     optional, scalar-head metadata for reward / value models
+It is written into a temporary sibling and renamed into place, so a crash never leaves a half-written one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from l2jax.model.config import LlamaConfig
+
+PARAMS = "params"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+  """Yield a temporary directory beside `final`; rename it to `final` only if the block succeeds."""
+  final = Path(final).absolute()
+  if final.exists() and any(final.iterdir()):
+    raise FileExistsError(f"{final}: output directory exists and is not empty; remove it or choose another")
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+  try:
+    yield tmp
+    if final.exists():
+      final.rmdir()
+    os.replace(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def save_params(path: str | Path, params: Any) -> None:
+  """Write a parameter pytree (jax or numpy arrays) as an Orbax checkpoint at `path` (must not exist)."""
+  import orbax.checkpoint as ocp
+  ckptr = ocp.PyTreeCheckpointer()
+  ckptr.save(Path(path).absolute(), params)
+
+
+def restore_params(path: str | Path, target: Any | None = None) -> Any:
+  """Read a parameter pytree. `target`: ShapeDtypeStructs (optionally with `sharding=`) to restore onto."""
+  import orbax.checkpoint as ocp
+  path = Path(path).absolute()
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path}: no parameter checkpoint here")
+  ckptr = ocp.PyTreeCheckpointer()
+  if target is None:  # host numpy arrays in the stored dtypes, independent of the saving topology
+    meta = ckptr.metadata(path).item_metadata
+    meta = meta.tree if hasattr(meta, "tree") else meta
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta,
+                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  restore_args = jax.tree.map(
+      lambda s: ocp.ArrayRestoreArgs(sharding=getattr(s, "sharding", None), dtype=s.dtype, global_shape=s.shape)
+      if getattr(s, "sharding", None) is not None else ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype),
+      target)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+
+
+def save_model_dir(out_dir: str | Path, cfg: LlamaConfig, params: Any, tokenizer: str | Path | None,
+                   extra_files: dict[str, str] | None = None) -> Path:
+  """Write an l2jax model directory atomically: params/, config.json, tokenizer.model (+ extra text files)."""
+  with atomic_dir(out_dir) as tmp:
+    cfg.save(tmp / CONFIG)
+    if tokenizer is not None:
+      tokenizer = Path(tokenizer)
+      if not tokenizer.is_file():
+        raise FileNotFoundError(f"{tokenizer}: tokenizer model not found")
+      shutil.copyfile(tokenizer, tmp / TOKENIZER)
+    for name, text in (extra_files or {}).items():
+      (tmp / name).write_text(text)
+    save_params(tmp / PARAMS, params)
+  return Path(out_dir)
+
+
+def check_model_dir(ckpt_dir: str | Path) -> Path:
+  """Raise a clear error unless `ckpt_dir` looks like an l2jax model directory."""
+  d = Path(ckpt_dir)
+  if not d.is_dir():
+    raise FileNotFoundError(f"{d}: checkpoint directory not found")
+  missing = [n for n in (CONFIG, PARAMS) if not (d / n).exists()]
+  if missing:
+    raise FileNotFoundError(f"{d}: not an l2jax checkpoint directory (missing {', '.join(missing)}); "
+                            f"expected {PARAMS}/, {CONFIG} and {TOKENIZER}")
+  return d
+
+
+def load_model_dir(ckpt_dir: str | Path, **overrides) -> tuple[LlamaConfig, Any]:
+  """(config, params as numpy) from an l2jax model directory; `overrides` replace config fields (e.g. dtype)."""
+  d = check_model_dir(ckpt_dir)
+  cfg = LlamaConfig.load(d / CONFIG)
+  if overrides:
+    cfg = cfg.replace(**overrides)
+  from l2jax.model import llama
+  want = llama.split(llama.abstract(cfg))[1]
+  got = restore_params(d / PARAMS)
+  check_tree(want, got, where=str(d / PARAMS))
+  return cfg, got
+
+
+def check_tree(want: Any, got: Any, where: str) -> None:
+  """Compare key sets and shapes of two parameter trees; raise naming the first mismatching key."""
+  w = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(want)}
+  g = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(got)}
+  if set(w) != set(g):
+    raise ValueError(f"{where}: parameter keys differ from the config's model: "
+                     f"missing {sorted(set(w) - set(g))}, unexpected {sorted(set(g) - set(w))}")
+  for k in w:
+    if tuple(w[k].shape) != tuple(np.shape(g[k])):
+      raise ValueError(f"{where}: parameter {k}: expected shape {tuple(w[k].shape)}, found {tuple(np.shape(g[k]))}")

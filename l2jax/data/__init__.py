@@ -1,0 +1,1 @@
+"""Data: tokenizer and chat format, sources, pretraining packing, dialogs, preferences."""

@@ -1,0 +1,222 @@
+"""Llama 2 in Flax NNX (Touvron et al., 2023, section 2.2): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Parameters are stored in Meta's layout (q/k rotary pairs interleaved, as Meta's reference and llama2.c
+compute them); the converters in tools/ move HF's permuted q/k layout into this one. Blocks are stacked on
+a leading "layers" axis and run with `jax.lax.scan`, so compile time does not grow with depth.
+
+Used functionally (DESIGN.md section 3): `graphdef, params = split(model)` and, inside a jitted step,
+`nnx.merge(graphdef, params)(tokens_bt)`.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from l2jax.model.config import LlamaConfig
+from l2jax.sharding import constrain
+
+Params = dict[str, Any]
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys and values, grouped (never repeated to all heads): each [L, B, S, n_kv, head_dim]."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float = 0.02) -> nnx.Param:
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+def rms_norm(x_btd: jax.Array, weight_d: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm (Zhang & Sennrich, 2019; Llama 2 section 2.2): x / sqrt(mean(x^2) + eps) * w, reduced in float32."""
+  x32 = x_btd.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return normed.astype(x_btd.dtype) * weight_d.astype(x_btd.dtype)
+
+
+def rope_angles(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin of position * theta^(-2i / head_dim), each [B, T, head_dim // 2] in float32 (Su et al., 2021)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_bti = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles_bti), jnp.sin(angles_bti)
+
+
+def apply_rope(x_bthk: jax.Array, cos_bti: jax.Array, sin_bti: jax.Array) -> jax.Array:
+  """Rotate interleaved pairs (x[2i], x[2i+1]) by the position's angle, as Meta's reference does."""
+  x = x_bthk.astype(jnp.float32).reshape(*x_bthk.shape[:-1], -1, 2)  # [B, T, H, k/2, 2]
+  x0, x1 = x[..., 0], x[..., 1]
+  cos, sin = cos_bti[:, :, None, :], sin_bti[:, :, None, :]
+  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  return out.reshape(x_bthk.shape).astype(x_bthk.dtype)
+
+
+class Blocks(nnx.Module):
+  """All transformer blocks, each parameter stacked on a leading [L] axis."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    L, D, H, K, Dh, F = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = nnx.Param(jnp.ones((L, D), pd), axes=("layers", "norm"))
+    self.wq = _param(rngs, (L, D, H, Dh), ("layers", "embed", "q_heads", "head_dim"), pd)
+    self.wk = _param(rngs, (L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), pd)
+    self.wv = _param(rngs, (L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), pd)
+    self.wo = _param(rngs, (L, H, Dh, D), ("layers", "q_heads", "head_dim", "embed"), pd)
+    self.ffn_norm = nnx.Param(jnp.ones((L, D), pd), axes=("layers", "norm"))
+    self.w1 = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd)
+    self.w3 = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd)
+    self.w2 = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), pd)
+
+
+def _block(cfg: LlamaConfig, p: Params, x_btd, cos, sin, mask_b1ts, is_causal: bool, kv=None, positions_bt=None):
+  """One pre-norm block: x + Attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)). `kv`: this layer's cache (k, v)."""
+  dt = x_btd.dtype
+  h_btd = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("btd,dhk->bthk", h_btd, p["wq"].astype(dt))
+  k = jnp.einsum("btd,dhk->bthk", h_btd, p["wk"].astype(dt))
+  v = jnp.einsum("btd,dhk->bthk", h_btd, p["wv"].astype(dt))
+  q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
+  k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
+  v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+  if kv is not None:  # write this step's keys/values at their positions, attend over the whole cache
+    k_cache, v_cache = kv  # [B, S, n_kv, head_dim]
+    rows_b1 = jnp.arange(k.shape[0])[:, None]
+    k_cache = k_cache.at[rows_b1, positions_bt].set(k.astype(k_cache.dtype))
+    v_cache = v_cache.at[rows_b1, positions_bt].set(v.astype(v_cache.dtype))
+    kv = (k_cache, v_cache)
+    k, v = k_cache.astype(dt), v_cache.astype(dt)
+  attn_bthk = jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts, is_causal=is_causal,
+                                           implementation=cfg.attention_impl)
+  x_btd = x_btd + jnp.einsum("bthk,hkd->btd", attn_bthk, p["wo"].astype(dt))
+  x_btd = constrain(x_btd, ("batch", "seq", "embed"))
+  h_btd = rms_norm(x_btd, p["ffn_norm"], cfg.norm_eps)
+  gate_btf = jax.nn.silu(jnp.einsum("btd,df->btf", h_btd, p["w1"].astype(dt)))
+  up_btf = jnp.einsum("btd,df->btf", h_btd, p["w3"].astype(dt))
+  ff_btf = constrain(gate_btf * up_btf, ("batch", "seq", "mlp"))
+  x_btd = x_btd + jnp.einsum("btf,fd->btd", ff_btf, p["w2"].astype(dt))
+  return constrain(x_btd, ("batch", "seq", "embed")), kv
+
+
+def _remat(fn, policy: str, in_scan: bool):
+  if policy == "none":
+    return fn
+  saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+  return jax.checkpoint(fn, policy=saveable, prevent_cse=not in_scan, static_argnums=(0, 6))
+
+
+class Llama(nnx.Module):
+  """The Llama 2 decoder: token embedding, `n_layers` blocks, final RMSNorm, untied output head."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
+    self.layers = Blocks(cfg, rngs=rngs)
+    self.norm = nnx.Param(jnp.ones((cfg.dim,), pd), axes=("norm",))
+    self.lm_head = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+             segment_ids_bt: jax.Array | None = None, cache: KVCache | None = None):
+    """Final-normed hidden states [B, T, D] (compute dtype), and the updated cache when one is given.
+
+    tokens_bt: int32 [B, T]. positions_bt: [B, T] rotary positions (default 0..T-1).
+    segment_ids_bt: [B, T] ids of packed documents; a token attends only within its own segment.
+    cache: a KVCache; tokens are written at `positions_bt` and attend to cache slots <= their position.
+    """
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    B, T = tokens_bt.shape
+    default_positions = positions_bt is None
+    if default_positions:
+      positions_bt = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x_btd = constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt), ("batch", "seq", "embed"))
+    cos, sin = rope_angles(positions_bt, cfg.head_dim, cfg.rope_theta)
+
+    is_causal, mask_b1ts = False, None
+    if cache is not None:
+      slots_s = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+      mask_b1ts = (slots_s[None, None, None, :] <= positions_bt[:, None, :, None])
+    elif segment_ids_bt is None and default_positions:
+      is_causal = True
+    else:
+      idx_t = jnp.arange(T)
+      causal_tt = idx_t[:, None] >= idx_t[None, :]
+      mask_b1ts = jnp.broadcast_to(causal_tt, (B, 1, T, T))
+      if segment_ids_bt is not None:
+        mask_b1ts = mask_b1ts & (segment_ids_bt[:, None, :, None] == segment_ids_bt[:, None, None, :])
+
+    layer_params = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
+    block = _remat(_block, cfg.remat, cfg.scan_layers)
+    if cfg.scan_layers:
+      if cache is None:
+        def body(x, p):
+          return block(cfg, p, x, cos, sin, mask_b1ts, is_causal)[0], None
+        x_btd, _ = jax.lax.scan(body, x_btd, layer_params)
+      else:
+        def body(carry, xs):
+          x, k_all, v_all = carry
+          p, i = xs
+          x, (k_l, v_l) = block(cfg, p, x, cos, sin, mask_b1ts, is_causal, (k_all[i], v_all[i]), positions_bt)
+          return (x, k_all.at[i].set(k_l), v_all.at[i].set(v_l)), None
+        (x_btd, k_all, v_all), _ = jax.lax.scan(
+            body, (x_btd, cache.k, cache.v), (layer_params, jnp.arange(cfg.n_layers)))
+        cache = KVCache(k_all, v_all)
+    else:
+      ks, vs = [], []
+      for i in range(cfg.n_layers):
+        p = jax.tree.map(lambda a: a[i], layer_params)
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        x_btd, kv = block(cfg, p, x_btd, cos, sin, mask_b1ts, is_causal, kv, positions_bt)
+        if cache is not None:
+          ks.append(kv[0]); vs.append(kv[1])
+      if cache is not None:
+        cache = KVCache(jnp.stack(ks), jnp.stack(vs))
+    h_btd = rms_norm(x_btd, self.norm[...], cfg.norm_eps)
+    return h_btd, cache
+
+  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None, cache: KVCache | None = None):
+    """float32 logits [B, T, vocab]; with a cache, (logits, updated cache). Arguments as in `hidden`."""
+    h_btd, new_cache = self.hidden(tokens_bt, positions_bt, segment_ids_bt, cache)
+    logits_btv = jnp.einsum("btd,dv->btv", h_btd, self.lm_head[...].astype(h_btd.dtype))
+    logits_btv = constrain(logits_btv, ("batch", "seq", "vocab")).astype(jnp.float32)
+    return logits_btv if cache is None else (logits_btv, new_cache)
+
+
+def init(cfg: LlamaConfig, seed: int = 0) -> Llama:
+  """A randomly initialised model (normal(0, 0.02) weights, unit norms)."""
+  return Llama(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract(cfg: LlamaConfig) -> Llama:
+  """The model with ShapeDtypeStruct leaves: no memory allocated (for restore and sharding plans)."""
+  return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def split(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
+  """(graphdef, params): params is a plain nested dict of arrays, the form steps and checkpoints use."""
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def logical_axes(model: nnx.Module) -> Params:
+  """Nested dict, same structure as `split(model)[1]`, of each parameter's logical axis names."""
+  out: Params = {}
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = var.get_metadata().get("axes")
+  return out
