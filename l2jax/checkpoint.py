@@ -121,3 +121,58 @@ def check_tree(want: Any, got: Any, where: str) -> None:
   for k in w:
     if tuple(w[k].shape) != tuple(np.shape(g[k])):
       raise ValueError(f"{where}: parameter {k}: expected shape {tuple(w[k].shape)}, found {tuple(np.shape(g[k]))}")
+
+
+class RunMismatch(ValueError):
+  """The run directory holds checkpoints of a different experiment."""
+
+
+class TrainCheckpointer:
+  """Orbax training checkpoints under run_dir/checkpoints: state pytree + data-iterator state + metadata.
+
+  Each save is a step directory written by Orbax into a temporary name and renamed when complete, so a run
+  killed at any moment (SIGKILL included) resumes from the newest complete step. `identity` (stage, name,
+  model) is stored with every step; resuming with a different identity is an error, not a silent mix.
+  """
+
+  def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True, identity: dict | None = None):
+    import orbax.checkpoint as ocp
+    self.ocp = ocp
+    self.dir = (Path(run_dir) / "checkpoints").absolute()
+    self.identity = identity or {}
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                        create=True)
+    self.mngr = ocp.CheckpointManager(self.dir, options=opts)
+
+  def latest_step(self) -> int | None:
+    return self.mngr.latest_step()
+
+  def check_identity(self, step: int) -> None:
+    meta = self.mngr.restore(step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))["meta"]
+    saved = meta.get("identity", {})
+    diff = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
+    if diff:
+      details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {self.identity.get(k)!r}" for k in diff)
+      raise RunMismatch(f"{self.dir}: holds checkpoints of another experiment ({details}). "
+                        f"Use a new --run-dir, or remove the old checkpoints.")
+
+  def save(self, step: int, state: Any, data_state: Any, *, force: bool = False) -> bool:
+    ocp = self.ocp
+    meta = {"step": int(step), "identity": self.identity}
+    return self.mngr.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
+    """(state, data_state) of `step`; `abstract_state`: ShapeDtypeStructs with `sharding=` to restore onto."""
+    ocp = self.ocp
+    out = self.mngr.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
+  def wait(self) -> None:
+    self.mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self.mngr.wait_until_finished()
+    self.mngr.close()

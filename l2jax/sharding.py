@@ -95,3 +95,114 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   mesh, rules = active
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+  """Resolve -1 (at most one) so that data * fsdp * tensor == n_devices; a clear error otherwise."""
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n_devices % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = n_devices // known
+  if int(np.prod(sizes)) != n_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; "
+                     f"{n_devices} are available")
+  return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh ("data", "fsdp", "tensor") with Auto axes (sharding propagated by XLA from our constraints)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drop mesh axes from `spec` where they do not divide that dimension (e.g. 2 KV heads on tensor=4)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+    keep, size = [], 1
+    for a in axes_t:
+      if dim % (size * mesh.shape[a]) == 0:
+        keep.append(a)
+        size *= mesh.shape[a]
+    out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+  return P(*out)
+
+
+def _is_axes(x) -> bool:
+  return x is None or (isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
+
+
+def tree_shardings(axes_tree: Any, mesh: Mesh, rules: Rules, shapes: Any | None = None) -> Any:
+  """NamedShardings for a tree of logical-axis tuples (leaves: tuples of names, or None = replicated).
+
+  shapes: a matching tree of arrays / ShapeDtypeStructs; axes that do not divide a dimension are dropped.
+  """
+  if shapes is None:
+    return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names, rules, mesh)), axes_tree,
+                        is_leaf=_is_axes)
+  return jax.tree.map(lambda names, s: NamedSharding(mesh, fit_spec(logical_to_spec(names, rules, mesh), s.shape, mesh)),
+                      axes_tree, shapes, is_leaf=_is_axes)
+
+
+def like_params(tree: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree that embeds parameter-shaped subtrees (e.g. optimizer state): a leaf whose dict-key
+  path ends with a parameter's path and has its shape gets that parameter's sharding; others are replicated."""
+  by_path = {}
+  for path, sh in jax.tree_util.tree_leaves_with_path(param_shardings):
+    by_path[tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))] = sh
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    for i in range(len(keys)):
+      sh = by_path.get(keys[i:])
+      if sh is not None and len(sh.spec) <= len(getattr(leaf, "shape", ())):
+        return sh
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = TRAIN_RULES, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [B, T, ...] batch: batch over the batch rule's axes, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules = TRAIN_RULES) -> dict[str, jax.Array]:
+  """Assemble each process's local rows into global arrays sharded over the batch axes (multi-host safe)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v) for k, v in local.items()}
+
+
+def initialize_distributed() -> None:
+  """Start multi-host JAX when launched on several processes (TPU pod slice, Slurm / multi-node GPU).
+
+  On TPU pods and Slurm, `jax.distributed.initialize()` discovers the coordinator by itself. Elsewhere set
+  JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
+  Single-process runs (no such environment) do nothing.
+  """
+  env = os.environ
+  multi = ("JAX_COORDINATOR_ADDRESS" in env or "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+           or "TPU_WORKER_HOSTNAMES" in env and "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+  if not multi:
+    return
+  kw = {}
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+              num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kw)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

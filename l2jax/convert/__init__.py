@@ -1,0 +1,208 @@
+"""Checkpoint converters into and out of the l2jax model directory (DESIGN.md sections 2 and 8).
+
+One module per foreign format, each an explicit key map with shape checks:
+  hf.py       Hugging Face `LlamaForCausalLM` safetensors (q/k rows permuted for rotate_half) <-> l2jax
+  meta.py     Meta `consolidated.NN.pth` + `params.json` (model-parallel shards merged) -> l2jax
+  llama2c.py  llama2.c legacy (version 0) `.bin` + SentencePiece model -> l2jax
+
+This module holds what they share: the torch-Linear ("Meta") layout of every parameter and its map to
+the l2jax layout, a builder that fills preallocated [L, ...] arrays one tensor at a time (so converting
+needs about one copy of the model in memory), dtype names, and the error type.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+from l2jax.model.config import LlamaConfig
+
+BLOCK_NAMES = ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w1", "w3", "w2")
+TOP_NAMES = ("embed", "norm", "lm_head")
+
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float16": np.dtype(np.float16)}
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be converted; the message names the file, key and expected/found value."""
+
+
+def dtype_name(dt) -> str:
+  """'float32' | 'bfloat16' | 'float16' for a numpy dtype; ConversionError for anything else."""
+  for name, d in NP_DTYPES.items():
+    if np.dtype(dt) == d:
+      return name
+  raise ConversionError(f"unsupported dtype {dt}; expected one of {sorted(NP_DTYPES)}")
+
+
+def check_dtype(name: str, what: str = "dtype") -> str:
+  """`name` if it is a supported parameter dtype name, else ConversionError."""
+  if name not in NP_DTYPES:
+    raise ConversionError(f"{what}: unsupported dtype {name!r}; expected one of {sorted(NP_DTYPES)}")
+  return name
+
+
+def ffn_dim_meta(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+  """SwiGLU width as Meta computes it: int(2 * 4d / 3), times the multiplier, rounded up to `multiple_of`."""
+  hidden = int(2 * (4 * dim) / 3)
+  if ffn_dim_multiplier is not None:
+    hidden = int(ffn_dim_multiplier * hidden)
+  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# ---- The torch-Linear ("Meta") layout: weights are (out_features, in_features). ----
+
+def meta_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Per-layer (for block names) or whole shape of each parameter in Meta / torch-Linear layout."""
+  D, F, V, Dh = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
+  H, K = cfg.n_heads, cfg.n_kv_heads
+  return {"embed": (V, D), "norm": (D,), "lm_head": (V, D),
+          "attn_norm": (D,), "ffn_norm": (D,), "wq": (H * Dh, D), "wk": (K * Dh, D), "wv": (K * Dh, D),
+          "wo": (D, H * Dh), "w1": (F, D), "w3": (F, D), "w2": (D, F)}
+
+
+def l2jax_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Shape of each parameter in the l2jax tree (block names without the leading [L] axis)."""
+  D, F, V, Dh = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
+  H, K = cfg.n_heads, cfg.n_kv_heads
+  return {"embed": (V, D), "norm": (D,), "lm_head": (D, V),
+          "attn_norm": (D,), "ffn_norm": (D,), "wq": (D, H, Dh), "wk": (D, K, Dh), "wv": (D, K, Dh),
+          "wo": (H, Dh, D), "w1": (D, F), "w3": (D, F), "w2": (F, D)}
+
+
+def meta_to_l2jax(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+  """One parameter from Meta layout (torch Linear (out, in)) to l2jax layout; returns a view where possible.
+
+  wq/wk/wv: (n*Dh, D) -> [D, n, Dh]; wo: (D, H*Dh) -> [H, Dh, D]; w1/w3: (F, D) -> [D, F];
+  w2: (D, F) -> [F, D]; lm_head: (V, D) -> [D, V]; embeddings and norms unchanged.
+  """
+  D, Dh = cfg.dim, cfg.head_dim
+  if name in ("wq", "wk", "wv"):
+    return w.reshape(-1, Dh, D).transpose(2, 0, 1)
+  if name == "wo":
+    return w.T.reshape(-1, Dh, D)
+  if name in ("w1", "w3", "w2", "lm_head"):
+    return w.T
+  return w
+
+
+def l2jax_to_meta(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+  """Inverse of `meta_to_l2jax`: one parameter (one layer's slice for blocks) to torch Linear layout."""
+  D, Dh = cfg.dim, cfg.head_dim
+  if name in ("wq", "wk", "wv"):
+    return w.transpose(1, 2, 0).reshape(-1, D)
+  if name == "wo":
+    return w.reshape(-1, D).T
+  if name in ("w1", "w3", "w2", "lm_head"):
+    return w.T
+  return w
+
+
+# ---- Filling the l2jax tree tensor by tensor. ----
+
+class ParamBuilder:
+  """Preallocated l2jax parameter arrays, filled one (name, layer) slot at a time with shape checks."""
+
+  def __init__(self, cfg: LlamaConfig, dtype):
+    self.cfg = cfg
+    self.dtype = np.dtype(dtype)
+    self.shapes = l2jax_shapes(cfg)
+    L = cfg.n_layers
+    # np.empty reserves address space only; pages are touched as slots are filled.
+    self.top = {n: np.empty(self.shapes[n], self.dtype) for n in TOP_NAMES}
+    self.layers = {n: np.empty((L, *self.shapes[n]), self.dtype) for n in BLOCK_NAMES}
+    self.filled: dict[tuple[str, int | None], str] = {}
+
+  def put_meta(self, name: str, layer: int | None, w: np.ndarray, where: str) -> None:
+    """Check `w` against the Meta-layout shape of `name`, then store it in l2jax layout at `layer`."""
+    want = meta_shapes(self.cfg)[name]
+    if tuple(w.shape) != want:
+      raise ConversionError(f"{where}: expected shape {want}, found {tuple(w.shape)}")
+    self.put(name, layer, meta_to_l2jax(name, w, self.cfg), where)
+
+  def put(self, name: str, layer: int | None, w: np.ndarray, where: str) -> None:
+    """Store an l2jax-layout array (cast to the builder's dtype) at slot (name, layer)."""
+    if (name in BLOCK_NAMES) != (layer is not None):
+      raise ConversionError(f"{where}: parameter {name!r} given layer {layer!r}")
+    if layer is not None and not 0 <= layer < self.cfg.n_layers:
+      raise ConversionError(f"{where}: layer {layer} out of range; the config has n_layers={self.cfg.n_layers}")
+    if (name, layer) in self.filled:
+      raise ConversionError(f"{where}: duplicate tensor; {name}[{layer}] already set from {self.filled[(name, layer)]}")
+    if tuple(w.shape) != self.shapes[name]:
+      raise ConversionError(f"{where}: expected l2jax shape {self.shapes[name]}, found {tuple(w.shape)}")
+    dst = self.layers[name][layer] if layer is not None else self.top[name]
+    np.copyto(dst, w, casting="unsafe")
+    self.filled[(name, layer)] = where
+
+  def missing(self) -> list[tuple[str, int | None]]:
+    slots = [(n, None) for n in TOP_NAMES] + [(n, i) for i in range(self.cfg.n_layers) for n in BLOCK_NAMES]
+    return [s for s in slots if s not in self.filled]
+
+  def finish(self, where: str, describe: Callable[[str, int | None], str] | None = None) -> dict:
+    """The filled parameter dict (as `llama.split` returns it); ConversionError naming missing keys."""
+    missing = self.missing()
+    if missing:
+      names = [describe(n, i) if describe else f"{n}[{i}]" for n, i in missing]
+      more = f" (and {len(names) - 10} more)" if len(names) > 10 else ""
+      raise ConversionError(f"{where}: missing tensors {names[:10]}{more}")
+    return {**self.top, "layers": dict(self.layers)}
+
+
+# ---- Output directory and tokenizer. ----
+
+def check_out_dir(out_dir: str | Path) -> Path:
+  """Fail before any work if `out_dir` exists and is not empty (outputs are written atomically)."""
+  out = Path(out_dir)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise FileExistsError(f"{out}: output directory exists and is not empty; remove it or choose another")
+  return out
+
+
+def find_tokenizer(explicit: str | Path | None, *candidates: Path) -> Path | None:
+  """`explicit` (must exist) or the first existing candidate; None (with a warning) if there is none."""
+  if explicit is not None:
+    p = Path(explicit)
+    if not p.is_file():
+      raise FileNotFoundError(f"{p}: tokenizer model not found (--tokenizer)")
+    return p
+  for p in candidates:
+    if p.is_file():
+      return p
+  print(f"warning: no tokenizer.model found (looked at {', '.join(map(str, candidates))}); the checkpoint "
+        "will have none. Pass --tokenizer PATH to include one.", file=sys.stderr)
+  return None
+
+
+def check_tokenizer_vocab(tokenizer: Path | None, cfg: LlamaConfig) -> None:
+  """Error if the SentencePiece model has more pieces than the model has embedding rows."""
+  if tokenizer is None:
+    return
+  import sentencepiece as spm
+  try:
+    n = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+  except Exception as e:  # noqa: BLE001 - sentencepiece raises bare RuntimeError/OSError
+    raise ConversionError(f"{tokenizer}: not a SentencePiece model ({e})") from None
+  if n > cfg.vocab_size:
+    raise ConversionError(f"{tokenizer}: tokenizer has {n} pieces, more than the model's vocab_size "
+                          f"{cfg.vocab_size}")
+
+
+def save(out_dir: str | Path, cfg: LlamaConfig, params: dict, tokenizer: Path | None) -> Path:
+  """Write the l2jax model directory atomically (no partial directory on failure)."""
+  from l2jax import checkpoint
+  return checkpoint.save_model_dir(out_dir, cfg, params, tokenizer)
+
+
+def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
+  src = src_dir / "tokenizer.model"
+  if src.is_file():
+    shutil.copyfile(src, dst_dir / "tokenizer.model")
+
+
+LAYER_KEY = re.compile(r"^(?P<prefix>.*?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$")

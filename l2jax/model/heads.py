@@ -1,0 +1,55 @@
+"""Scalar heads for reward models and value models (Llama 2 section 3.2.2).
+
+"The model architecture and hyper-parameters are identical to those of the pretrained language models,
+except that the classification head for next-token prediction is replaced with a regression head for
+outputting a scalar reward." The score of a (prompt, response) row is the head applied to the hidden state
+of its last non-padding token.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from l2jax.model.config import LlamaConfig
+from l2jax.model.llama import Llama
+
+
+def last_token_index(mask_bt: jax.Array) -> jax.Array:
+  """Index [B] of the last position whose mask is nonzero in each row (0 for an all-padding row).
+
+  Works for right padding and for any interior pattern: it is the largest t with mask[b, t] != 0.
+  """
+  T = mask_bt.shape[1]
+  idx_bt = jnp.where(mask_bt != 0, jnp.arange(T, dtype=jnp.int32)[None, :], -1)
+  return jnp.maximum(jnp.max(idx_bt, axis=1), 0)
+
+
+def gather_last(h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+  """Hidden state of each row's last non-padding token: [B, D]."""
+  idx_b = last_token_index(mask_bt)
+  return jnp.take_along_axis(h_btd, idx_b[:, None, None], axis=1)[:, 0]
+
+
+class ScalarHead(nnx.Module):
+  """Linear map from the model width to one float32 score: s = h_last . w + b."""
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (dim,), param_dtype) / jnp.sqrt(dim), axes=("embed",))
+    self.b = nnx.Param(jnp.zeros((), param_dtype), axes=())
+
+  def __call__(self, h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    h_bd = gather_last(h_btd, mask_bt).astype(jnp.float32)
+    return h_bd @ self.w[...].astype(jnp.float32) + self.b[...].astype(jnp.float32)
+
+
+class ScalarModel(nnx.Module):
+  """Llama backbone + scalar head: a reward model or a value model. Returns float32 scores [B]."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.backbone = Llama(cfg, rngs=rngs)
+    self.head = ScalarHead(cfg.dim, rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens_bt: jax.Array, mask_bt: jax.Array, positions_bt=None, segment_ids_bt=None) -> jax.Array:
+    h_btd, _ = self.backbone.hidden(tokens_bt, positions_bt, segment_ids_bt)
+    return self.head(h_btd, mask_bt)

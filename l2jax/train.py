@@ -1,0 +1,321 @@
+"""The one training loop: a pure step jitted once with explicit shardings, plus hooks (DESIGN.md section 6).
+
+Every stage (pretraining, SFT, reward models, rejection-sampling fine-tuning) supplies a `loss_fn(params,
+batch) -> (loss_sum, weight)` and a batch iterator; this module owns the optimizer, gradient accumulation,
+sharding of state and batches, progress, metrics, checkpoints with exact resume, SIGTERM and NaN handling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from l2jax import sharding as shd
+from l2jax.checkpoint import TrainCheckpointer
+from l2jax.config import AdamW
+from l2jax.metrics import MetricsWriter, mfu
+
+State = dict[str, Any]   # {"params": ..., "opt": ..., "step": int32 [], "rng": uint32 [2]}
+Batch = dict[str, Any]
+LossFn = Callable[[Any, Batch], tuple[jax.Array, jax.Array]]
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class BatchIterator(Protocol):
+  def __next__(self) -> dict[str, np.ndarray]: ...
+  def get_state(self) -> Any: ...
+  def set_state(self, state: Any) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+
+def lr_schedule(o: AdamW, total_steps: int) -> optax.Schedule:
+  """Linear warmup 0 -> lr over `warmup_steps`, then cosine decay to `decay_to * lr` at `total_steps`.
+
+  Llama 2 section 2.2: "cosine learning rate schedule, with warmup of 2000 steps, and decay final learning
+  rate down to 10% of the peak learning rate". lr(t) for t >= w:
+    decay_to*lr + (1 - decay_to)*lr * (1 + cos(pi * (t - w) / (T - w))) / 2.
+  """
+  warmup = max(0, min(o.warmup_steps, total_steps))
+  if o.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(warmup, 1)), optax.constant_schedule(o.lr)],
+                                [max(warmup, 1)]) if warmup else optax.constant_schedule(o.lr)
+  if o.schedule != "cosine":
+    raise ValueError(f"optim.schedule: expected 'cosine' or 'constant', found {o.schedule!r}")
+  return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
+                                            decay_steps=max(total_steps, warmup + 1), end_value=o.lr * o.decay_to)
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on matrices and embeddings, not on RMSNorm gains (names containing 'norm') or scalars."""
+  def keep(path, leaf):
+    names = [str(getattr(k, "key", "")) for k in path]
+    return not any("norm" in n for n in names) and len(getattr(leaf, "shape", ())) >= 2
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(o: AdamW, total_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW(b1, b2, eps, weight_decay) on the schedule (Llama 2 section 2.2)."""
+  chain = [optax.clip_by_global_norm(o.clip)] if o.clip > 0 else []
+  chain.append(optax.adamw(lr_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay, mask=decay_mask))
+  return optax.chain(*chain)
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> State:
+  return {"params": params, "opt": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+          "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, micro_batches: int = 1,
+                    schedule: optax.Schedule | None = None) -> Callable[[State, Batch], tuple[State, dict]]:
+  """The pure step: gradient of sum(loss) / sum(weight) over `micro_batches` accumulation steps, then update.
+
+  Micro-batch i takes rows i, i+k, i+2k, ... so each device's share of the batch is split evenly.
+  Accumulating sums and dividing once makes k micro-batches equal one batch of k times the size.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: State, batch: Batch) -> tuple[State, dict]:
+    params = state["params"]
+    if micro_batches == 1:
+      (loss_sum, weight), grads = grad_fn(params, batch)
+    else:
+      def split(x):  # [k*m, ...] -> [k, m, ...], micro-batch i = rows i::k
+        return x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+      micro = jax.tree.map(split, batch)
+
+      def body(acc, mb):
+        (l, w), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, acc[0], g), acc[1] + l, acc[2] + w), None
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      (grads, loss_sum, weight), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    updates, opt = optimizer.update(grads, state["opt"], params)
+    new = {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1,
+           "rng": state["rng"]}
+    metrics = {"loss": loss_sum / denom, "tokens": weight, "grad_norm": optax.global_norm(grads)}
+    if schedule is not None:
+      metrics["lr"] = schedule(state["step"])
+    return new, metrics
+
+  return step
+
+
+@dataclasses.dataclass
+class Compiled:
+  """A step jitted once with explicit in/out shardings and state donation, traced under the train rules."""
+  fn: Callable
+  mesh: jax.sharding.Mesh
+  rules: shd.Rules
+  state_shardings: Any
+
+  def __call__(self, state: State, batch: Batch):
+    with shd.use_rules(self.mesh, self.rules):
+      return self.fn(state, batch)
+
+
+def state_shardings(abstract_state: State, param_axes: Any, mesh, rules=shd.TRAIN_RULES) -> Any:
+  """Shardings for the whole train state: params by their logical axes, optimizer state alike, rest replicated."""
+  p_sh = shd.tree_shardings(param_axes, mesh, rules, abstract_state["params"])
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return {"params": p_sh, "opt": shd.like_params(abstract_state["opt"], p_sh, mesh), "step": rep, "rng": rep}
+
+
+def compile_step(step_fn, abstract_state: State, param_axes: Any, mesh, example_batch: Batch,
+                 rules=shd.TRAIN_RULES) -> Compiled:
+  st_sh = state_shardings(abstract_state, param_axes, mesh, rules)
+  b_sh = {k: shd.batch_sharding(mesh, rules, np.ndim(v)) for k, v in example_batch.items()}
+  fn = jax.jit(step_fn, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
+  return Compiled(fn, mesh, rules, st_sh)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class Hook:
+  """Call `fn(step, state) -> dict | None` every `every` steps (and at the last step if `at_end`)."""
+  every: int
+  fn: Callable[[int, State], dict | None]
+  at_end: bool = True
+
+
+def batch_fingerprint(batch: dict[str, np.ndarray]) -> int:
+  """A cheap hash of a batch's tokens: lets tests and users check that a resumed run sees the same data."""
+  return zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  status: str          # "done" | "preempted"
+  state: State
+  last_metrics: dict
+
+
+class _Sigterm:
+  def __init__(self):
+    self.hit = False
+    self.prev = None
+
+  def __enter__(self):
+    try:
+      self.prev = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self.prev = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.hit = True
+
+  def __exit__(self, *exc):
+    if self.prev is not None:
+      signal.signal(signal.SIGTERM, self.prev)
+
+
+def _finite(metrics: dict) -> bool:
+  return bool(np.isfinite(float(metrics["loss"])))
+
+
+def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: int, run_dir: str | Path,
+        ckpt: TrainCheckpointer | None, ckpt_every: int, mesh, log_every: int = 10,
+        hooks: tuple[Hook, ...] = (), flops_per_token: float | None = None, tensorboard: bool = True,
+        progress: bool = True, description: str = "train") -> RunResult:
+  """Run `step` from `state["step"]` to `total_steps`.
+
+  Saves every `ckpt_every` steps and at the end (state, data-iterator state); on SIGTERM saves and returns
+  status "preempted"; on a non-finite loss stops without saving and raises NonFiniteLoss naming the step.
+  Metrics of step s are read after step s+1 is dispatched, so the host never stalls the device.
+  """
+  writer = MetricsWriter(run_dir, tensorboard=tensorboard)
+  start = int(jax.device_get(state["step"]))
+  bar = None
+  if progress and jax.process_index() == 0:
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=start, desc=description, dynamic_ncols=True, file=sys.stderr)
+  pending: tuple[int, dict, int] | None = None   # (step, device metrics, batch fingerprint)
+  last: dict = {}
+  t_log, tokens_since = time.perf_counter(), 0.0
+
+  def last_good() -> str:
+    s = ckpt.latest_step() if ckpt else None
+    return f"last good checkpoint: step {s}" if s is not None else "no checkpoint was saved"
+
+  def settle(p) -> dict:
+    nonlocal t_log, tokens_since, last
+    s, dev_metrics, fp = p
+    m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+    if not np.isfinite(m["loss"]):
+      if ckpt:
+        ckpt.wait()
+      raise NonFiniteLoss(f"non-finite loss ({m['loss']}) at step {s}; stopping; {last_good()}")
+    tokens_since += m["tokens"]
+    m["batch_crc"] = fp
+    last = m
+    if s % log_every == 0 or s == total_steps:
+      now = time.perf_counter()
+      tps = tokens_since / max(now - t_log, 1e-9)
+      m["tokens_per_s"] = tps
+      u = mfu(tps, flops_per_token) if flops_per_token else None
+      if u is not None:
+        m["mfu"] = u
+      writer.write(s, m)
+      if bar is not None:
+        bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in m}, refresh=False)
+      t_log, tokens_since = now, 0.0
+    return m
+
+  status = "done"
+  try:
+    with _Sigterm() as sigterm:
+      for s in range(start + 1, total_steps + 1):
+        host_batch = next(batches)
+        fp = batch_fingerprint(host_batch)
+        state, dev_metrics = step(state, shd.global_batch(host_batch, mesh, step.rules))
+        if pending is not None:
+          settle(pending)
+        pending = (s, dev_metrics, fp)
+        if bar is not None:
+          bar.update(1)
+        due_ckpt = ckpt is not None and (s % ckpt_every == 0 or s == total_steps or sigterm.hit)
+        due_hooks = [h for h in hooks if s % h.every == 0 or (h.at_end and s == total_steps)]
+        if due_ckpt or due_hooks or sigterm.hit:
+          settle(pending)
+          pending = None
+        for h in due_hooks:
+          extra = h.fn(s, state)
+          if extra:
+            writer.write(s, extra)
+            last.update(extra)
+        if due_ckpt:
+          ckpt.save(s, state, batches.get_state(), force=True)
+        if sigterm.hit:
+          status = "preempted"
+          print(f"\nSIGTERM: saved a checkpoint at step {s}; resume by running the same command.",
+                file=sys.stderr)
+          break
+      if pending is not None:
+        settle(pending)
+  finally:
+    if ckpt is not None:
+      ckpt.wait()
+    if bar is not None:
+      bar.close()
+    writer.close()
+  return RunResult(int(jax.device_get(state["step"])), status, state, last)
+
+
+# ----------------------------------------------------------------------------------------------- sharding check
+
+def _rel_err(a: Any, b: Any) -> float:
+  """max over leaves of ||a - b|| / max(||b||, tiny), computed on host in float64."""
+  errs = [np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64)) /
+          max(np.linalg.norm(np.asarray(y, np.float64)), 1e-30)
+          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return float(max(errs)) if errs else 0.0
+
+
+def check_sharding(loss_fn: LossFn, params: Any, param_axes: Any, optimizer: optax.GradientTransformation,
+                   batches: list[Batch], mesh, reference_mesh, micro_batches: int = 1,
+                   rules=shd.TRAIN_RULES) -> dict[str, float]:
+  """Run the same steps on `mesh` and on `reference_mesh` (one device) and compare gradients and parameters.
+
+  Returns {"grad_rel_err": max over steps and leaves, "param_rel_err": after the last step}. This is the
+  guard against wrong SPMD gradients (DESIGN.md section 4): run it on any new mesh or rule set.
+  """
+  step_fn = make_train_step(loss_fn, optimizer, micro_batches)
+  grad_fn = jax.grad(lambda p, b: (lambda ls, w: ls / jnp.maximum(w, 1.0))(*loss_fn(p, b)))
+  results = {}
+  for name, m in (("test", mesh), ("ref", reference_mesh)):
+    state = init_state(jax.tree.map(np.asarray, params), optimizer)
+    abstract = jax.eval_shape(lambda s: s, state)
+    step = compile_step(step_fn, abstract, param_axes, m, batches[0], rules)
+    state = jax.device_put(state, step.state_shardings)
+    g_sh = step.state_shardings["params"]
+    b_sh = {k: shd.batch_sharding(m, rules, np.ndim(v)) for k, v in batches[0].items()}
+    gjit = jax.jit(grad_fn, in_shardings=(g_sh, b_sh), out_shardings=g_sh)
+    grads = []
+    for b in batches:
+      gb = shd.global_batch(b, m, rules)
+      with shd.use_rules(m, rules):
+        grads.append(jax.device_get(gjit(state["params"], gb)))
+      state, _ = step(state, gb)
+    results[name] = (grads, jax.device_get(state["params"]))
+  (g_test, p_test), (g_ref, p_ref) = results["test"], results["ref"]
+  return {"grad_rel_err": max(_rel_err(a, b) for a, b in zip(g_test, g_ref)),
+          "param_rel_err": _rel_err(p_test, p_ref)}

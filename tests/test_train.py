@@ -1,0 +1,131 @@
+"""The training loop: schedule, accumulation, sharded == unsharded, NaN stop, decay mask."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from l2jax import config as c
+from l2jax import sharding as shd
+from l2jax import train
+from l2jax.checkpoint import TrainCheckpointer
+from l2jax.model import llama, presets
+from l2jax.stages.pretrain import lm_loss_fn
+
+
+def _batch(rng, B=8, T=16, V=128):
+  toks = rng.integers(0, V, (B, T + 1)).astype(np.int32)
+  seg = np.ones((B, T), np.int32)
+  seg[:, T // 2:] = 2  # two packed documents per row
+  pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0).astype(np.int32)
+  mask = np.ones((B, T), np.float32)
+  mask[:, T // 2 - 1] = 0
+  mask[1, 10:] = 0
+  return {"tokens": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg, "positions": pos, "loss_mask": mask}
+
+
+def _setup(cfg=None):
+  cfg = cfg or presets.get("test")
+  model = llama.init(cfg, seed=1)
+  graphdef, params = llama.split(model)
+  return cfg, graphdef, params, llama.logical_axes(model)
+
+
+def test_lr_schedule_matches_paper_formula():
+  o = c.AdamW(lr=3e-4, warmup_steps=2000, decay_to=0.1)
+  total = 10000
+  sched = train.lr_schedule(o, total)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(1000)), 1.5e-4, rtol=1e-6)   # linear warmup
+  np.testing.assert_allclose(float(sched(2000)), 3e-4, rtol=1e-6)     # warmup end: peak
+  mid = 2000 + (total - 2000) // 2                                     # cos(pi/2) = 0: halfway to 10%
+  np.testing.assert_allclose(float(sched(mid)), 0.1 * 3e-4 + 0.9 * 3e-4 * 0.5, rtol=1e-5)
+  t = 7000
+  want = 0.1 * 3e-4 + 0.9 * 3e-4 * (1 + math.cos(math.pi * (t - 2000) / (total - 2000))) / 2
+  np.testing.assert_allclose(float(sched(t)), want, rtol=1e-5)
+  np.testing.assert_allclose(float(sched(total)), 3e-5, rtol=1e-5)    # end: 10% of peak
+
+
+def test_weight_decay_skips_norms():
+  _, _, params, _ = _setup()
+  m = train.decay_mask(params)
+  assert m["layers"]["wq"] and m["embed"] and m["lm_head"]
+  assert not m["norm"] and not m["layers"]["attn_norm"] and not m["layers"]["ffn_norm"]
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  _, graphdef, params, _ = _setup()
+  loss_fn = lm_loss_fn(graphdef)
+  opt = __import__("optax").sgd(1.0)  # params - grads: compares the accumulated gradients themselves
+  batch = _batch(np.random.default_rng(0))
+  outs = []
+  for k in (1, 4):
+    step = jax.jit(train.make_train_step(loss_fn, opt, micro_batches=k))
+    state, m = step(train.init_state(params, opt), batch)
+    outs.append((state["params"], m))
+  (p1, m1), (p4, m4) = outs
+  np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 8, 1), (2, 1, 4)])
+def test_sharded_equals_single_device(mesh_shape):
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  _, graphdef, params, axes = _setup()
+  rng = np.random.default_rng(1)
+  batches = [_batch(rng) for _ in range(3)]
+  opt = train.make_optimizer(c.AdamW(lr=1e-2, warmup_steps=1), 3)
+  err = train.check_sharding(lm_loss_fn(graphdef), params, axes, opt, batches,
+                             shd.make_mesh(*mesh_shape), shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  assert err["grad_rel_err"] < 1e-5, err
+  assert err["param_rel_err"] < 1e-5, err
+
+
+def test_sharding_rules_put_batch_on_fsdp_then_data():
+  mesh = shd.make_mesh(2, 2, 2)
+  assert shd.logical_to_spec(("batch", "seq"), shd.TRAIN_RULES, mesh) == jax.sharding.PartitionSpec(("fsdp", "data"), None)
+
+
+class _ListIter:
+  def __init__(self, items):
+    self.items, self.i = items, 0
+
+  def __next__(self):
+    self.i += 1
+    return self.items[self.i - 1]
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, s):
+    self.i = s["i"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  _, graphdef, params, axes = _setup()
+  base = lm_loss_fn(graphdef)
+
+  def loss_fn(p, b):  # NaN when the batch says so: injected at step 4
+    s, w = base(p, b)
+    return jnp.where(b["poison"][0, 0] > 0, jnp.nan, s), w
+
+  rng = np.random.default_rng(2)
+  batches = []
+  for i in range(6):
+    b = _batch(rng)
+    b["poison"] = np.full((8, 1), 1 if i == 3 else 0, np.int32)
+    batches.append(b)
+  opt = train.make_optimizer(c.AdamW(lr=1e-3, warmup_steps=0), 6)
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  state = train.init_state(params, opt)
+  step = train.compile_step(train.make_train_step(loss_fn, opt), jax.eval_shape(lambda s: s, state), axes, mesh,
+                            batches[0])
+  ck = TrainCheckpointer(tmp_path, keep=10, async_save=True, identity={"name": "nan"})
+  with pytest.raises(train.NonFiniteLoss, match=r"at step 4; .*last good checkpoint: step 3"):
+    train.run(step, state, _ListIter(batches), total_steps=6, run_dir=tmp_path, ckpt=ck, ckpt_every=1,
+              mesh=mesh, progress=False)
+  assert ck.latest_step() == 3
