@@ -12,7 +12,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp

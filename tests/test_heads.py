@@ -1,5 +1,4 @@
 """Scalar head: last-token pooling with padding."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -6,7 +6,7 @@ Pipeline (one process of `process_count`; deterministic; every stage checkpointa
   -> repeat(num_epochs)                        None: forever
   -> tokenize                                  BOS + ids + EOS (Llama 2), int32 [n]
   -> pack into rows of T = seq_len tokens      greedy, in order, documents split across rows (rule below)
-  -> batch                                     [batch_size // process_count, T]; a short last batch is padded
+  -> batch                                     [batch_size, T] (this process's rows); a short last batch is padded
 
 Packing rule (no token lost or duplicated): the token stream (documents one after another, in shuffled order) is cut
 into rows of exactly T input tokens; only the very last row of a finite run is padded. A document that does not fit
@@ -163,25 +163,26 @@ def _as_tokenizer(tokenizer):
 
 
 def _as_source(source):
-  return source if hasattr(source, "__getitem__") and hasattr(source, "__len__") else open_source(source)
+  """A spec (dict, SourceSpec, config object with `kind`) -> its source; a sequence of documents as is."""
+  return open_source(source) if isinstance(source, dict) or hasattr(source, "kind") else source
 
 
 def make_pretrain_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
                           shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                           process_count: int = 1, worker_count: int = 0, read_threads: int = 4):
-  """The grain IterDataset of packed batches for this process; each element's arrays are [B_local, T].
+  """The grain IterDataset of packed batches for this process; each element's arrays are [batch_size, T].
 
   source: a document source (sources.py) or a spec for `open_source`. tokenizer: a Tokenizer or its model path.
-  batch_size: the GLOBAL batch; this process yields B_local = batch_size // process_count rows per batch from its
-  own disjoint shard of documents (document i goes to process i % process_count).
+  batch_size: rows per batch of THIS process (the global batch // process_count); each process reads its own
+  disjoint shard of documents (document i goes to process i % process_count).
   num_epochs: None repeats forever; otherwise the run ends after that many passes (packing runs on across epoch
   boundaries; the last row and batch are padded). Epoch e is shuffled with seed + e.
   worker_count > 0 packs in that many grain worker processes (each takes every worker_count-th document of the
   stream, so the batch order depends on worker_count; still deterministic and checkpointable).
   """
   import grain
-  if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, found {batch_size}")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index must be in [0, {process_count}), found {process_index}")
   if num_epochs is not None and num_epochs < 1:
@@ -196,9 +197,8 @@ def make_pretrain_dataset(source, tokenizer, *, seq_len: int, batch_size: int, s
     ds = ds.shuffle(seed)
   ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(16, 8 * read_threads)))
-  local = batch_size // process_count
-  it = _grain_types()(it, seq_len, tokenizer.pad_id).batch(local, drop_remainder=False)
-  it = it.map(_PadBatch(local, tokenizer.pad_id))
+  it = _grain_types()(it, seq_len, tokenizer.pad_id).batch(batch_size, drop_remainder=False)
+  it = it.map(_PadBatch(batch_size, tokenizer.pad_id))
   if worker_count > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain workers read absl flags (DESIGN.md section 7)
@@ -210,7 +210,7 @@ def make_pretrain_dataset(source, tokenizer, *, seq_len: int, batch_size: int, s
 def make_pretrain_iterator(source, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
                            shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                            process_count: int = 1, worker_count: int = 0, read_threads: int = 4):
-  """An iterator of packed batches {tokens, targets, segment_ids, positions, loss_mask} [B_local, T].
+  """An iterator of this process's packed batches {tokens, targets, segment_ids, positions, loss_mask} [batch_size, T].
 
   It is a grain DatasetIterator: `get_state()` returns a JSON-serialisable dict, and `set_state(state)` on a freshly
   built iterator (same arguments) continues with exactly the same batches. See `make_pretrain_dataset`.
@@ -223,7 +223,7 @@ def make_pretrain_iterator(source, tokenizer, *, seq_len: int, batch_size: int, 
 
 def iterate_epoch(source, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
                   process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """The batches [B_local, T] of exactly one epoch of this process's shard (a run with num_epochs=1)."""
+  """The batches [batch_size, T] of exactly one epoch of this process's shard (a run with num_epochs=1)."""
   yield from make_pretrain_iterator(source, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
                                     shuffle=shuffle, num_epochs=1, process_index=process_index,
                                     process_count=process_count)
@@ -240,6 +240,5 @@ def epoch_stats(source, tokenizer, *, seq_len: int, batch_size: int, process_ind
   idx = range(process_index, len(source), process_count)
   tokens = sum(len(tokenize_document(tokenizer, source[i])) for i in idx)
   rows = -(-tokens // seq_len)
-  local = batch_size // process_count
-  return {"documents": len(idx), "tokens": tokens, "rows": rows, "batches": -(-rows // local),
+  return {"documents": len(idx), "tokens": tokens, "rows": rows, "batches": -(-rows // batch_size),
           "fill": tokens / (rows * seq_len) if rows else 0.0}

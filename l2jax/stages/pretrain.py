@@ -6,99 +6,15 @@ final l2jax model directory to run_dir/final.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-import sys
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from l2jax import checkpoint as ckpt_lib
 from l2jax import config as c
 from l2jax import sharding as shd
-from l2jax import train
-from l2jax.data.tokenizer import Tokenizer
-from l2jax.losses import masked_nll_sum
-from l2jax.model import llama
+from l2jax.stages.common import lm_loss_fn, make_eval_hook, model_setup, run_lm, sharding_report, split_documents
 
-
-class Subset:
-  """Documents of `source` at `indices` (a held-out or training split by document)."""
-
-  def __init__(self, source, indices: np.ndarray):
-    self.source, self.indices = source, np.asarray(indices, np.int64)
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i: int):
-    return self.source[int(self.indices[i])]
-
-
-def split_documents(source, every_nth: int) -> tuple[Any, Any | None]:
-  """(train, held-out): every `every_nth`-th document is held out (deterministic); 0 = no held-out split."""
-  n = len(source)
-  if every_nth <= 0:
-    return source, None
-  idx = np.arange(n)
-  held = idx % every_nth == every_nth - 1
-  if held.sum() == 0 or (~held).sum() == 0:
-    raise ValueError(f"data.eval_every_nth={every_nth}: the source has only {n} documents, too few to split")
-  return Subset(source, idx[~held]), Subset(source, idx[held])
-
-
-def lm_loss_fn(graphdef: nnx.GraphDef):
-  """loss_fn(params, batch) -> (sum of token NLL over loss_mask, number of those tokens)."""
-  def loss_fn(params, batch):
-    logits_btv = nnx.merge(graphdef, params)(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return masked_nll_sum(logits_btv, batch["targets"], batch["loss_mask"])
-  return loss_fn
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything a run of an LM stage needs, built once from the config."""
-  mesh: Any
-  model_cfg: Any
-  tokenizer: Tokenizer
-  graphdef: Any
-  param_axes: Any
-  abstract_params: Any
-  init_params: Any   # callable -> sharded params
-
-
-def model_setup(model_cfg, init_dir: str, mesh, tokenizer_path: str, seed: int) -> Setup:
-  """Model config, tokenizer and a parameter initialiser (random, or the l2jax checkpoint `init_dir`)."""
-  if init_dir:
-    ckpt_lib.check_model_dir(init_dir)
-    saved = ckpt_lib.LlamaConfig.load(Path(init_dir) / ckpt_lib.CONFIG)
-    # numerics (dtype, remat, scan) come from this config; the architecture from the checkpoint
-    model_cfg = saved.replace(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
-                              scan_layers=model_cfg.scan_layers, attention_impl=model_cfg.attention_impl)
-    tok_in_ckpt = Path(init_dir) / ckpt_lib.TOKENIZER
-    if tok_in_ckpt.is_file():
-      tokenizer_path = str(tok_in_ckpt)
-  tokenizer = Tokenizer(tokenizer_path)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces but model.vocab_size is "
-                     f"{model_cfg.vocab_size}")
-  abstract_model = llama.abstract(model_cfg)
-  graphdef, abstract_params = llama.split(abstract_model)
-  axes = llama.logical_axes(abstract_model)
-  p_sh = shd.tree_shardings(axes, mesh, shd.TRAIN_RULES, abstract_params)
-
-  def init_params():
-    if init_dir:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, p_sh)
-      _, params = ckpt_lib.load_model_dir(init_dir)  # validates keys and shapes
-      return jax.device_put(jax.tree.map(lambda x, t: np.asarray(x, t.dtype), params, target), p_sh)
-    return jax.jit(lambda: llama.split(llama.init(model_cfg, seed))[1], out_shardings=p_sh)()
-
-  return Setup(mesh, model_cfg, tokenizer, graphdef, axes, abstract_params, init_params)
+__all__ = ["run", "lm_loss_fn"]
 
 
 def batch_iterator(data: c.Data, source, tokenizer, *, seq_len: int, global_batch: int, seed: int,
@@ -120,79 +36,6 @@ def open_data(data: c.Data):
               split=data.split if data.kind != "tfds" or data.split != "paragraph" else "train",
               data_dir=data.data_dir or None, skip_bad=data.skip_bad)
   return split_documents(open_source(spec), data.eval_every_nth)
-
-
-def make_eval_hook(loss_fn, setup: Setup, batches_fn, n_batches: int, every: int):
-  """Hook: held-out loss and perplexity over the first `n_batches` held-out batches (the same ones each time)."""
-  mesh = setup.mesh
-  p_sh = shd.tree_shardings(setup.param_axes, mesh, shd.TRAIN_RULES, setup.abstract_params)
-  eval_fn = jax.jit(loss_fn, in_shardings=(p_sh, None))
-  fixed: list = []
-
-  def hook(step, state):
-    if not fixed:
-      it = batches_fn()
-      for _ in range(n_batches):
-        try:
-          fixed.append(next(it))
-        except StopIteration:
-          break
-    total, count = 0.0, 0.0
-    with shd.use_rules(mesh, shd.TRAIN_RULES):
-      for b in fixed:
-        s, w = eval_fn(state["params"], shd.global_batch(b, mesh))
-        total, count = total + float(s), count + float(w)
-    loss = total / max(count, 1.0)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
-
-  return train.Hook(every, hook)
-
-
-def identity(cfg) -> dict:
-  """What makes a run directory's checkpoints belong to this experiment."""
-  return {"stage": type(cfg).stage, "name": cfg.name, "model": ckpt_lib.LlamaConfig.to_dict(cfg.model)
-          if not getattr(cfg, "init", "") else {"init": cfg.init}}
-
-
-def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, *, extra_identity=None):
-  """Shared by LM stages: build or resume the state, run the loop, write run_dir/final when done."""
-  mesh = setup.mesh
-  micro = cfg.global_batch // cfg.micro_batch if cfg.micro_batch else 1
-  if cfg.micro_batch and cfg.global_batch % cfg.micro_batch:
-    raise ValueError(f"global_batch={cfg.global_batch} is not a multiple of micro_batch={cfg.micro_batch}")
-  optimizer = train.make_optimizer(cfg.optim, cfg.steps)
-  schedule = train.lr_schedule(cfg.optim, cfg.steps)
-  step_fn = train.make_train_step(loss_fn, optimizer, micro, schedule)
-  abstract_state = jax.eval_shape(lambda p: train.init_state(p, optimizer, cfg.seed), setup.abstract_params)
-  ck = ckpt_lib.TrainCheckpointer(run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save,
-                               identity={**identity(cfg), **(extra_identity or {})})
-  latest = ck.latest_step()
-  st_sh = train.state_shardings(abstract_state, setup.param_axes, mesh)
-  if latest is not None:
-    ck.check_identity(latest)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, st_sh)
-    state, data_state = ck.restore(latest, target)
-    train_batches.set_state(data_state)
-    print(f"resumed from {ck.dir}/{latest}", file=sys.stderr)
-  else:
-    params = setup.init_params()
-    state = jax.jit(lambda p: train.init_state(p, optimizer, cfg.seed), out_shardings=st_sh)(params)
-  first = train_batches.get_state()
-  example = next(train_batches)
-  train_batches.set_state(first)
-  step = train.compile_step(step_fn, abstract_state, setup.param_axes, mesh, example)
-  result = train.run(step, state, train_batches, total_steps=cfg.steps, run_dir=run_dir, ckpt=ck,
-                     ckpt_every=cfg.ckpt.every, mesh=mesh, log_every=cfg.log_every,
-                     hooks=(eval_hook,) if eval_hook else (),
-                     flops_per_token=setup.model_cfg.flops_per_token(cfg.seq_len),
-                     tensorboard=cfg.tensorboard, description=type(cfg).stage)
-  ck.close()
-  final = run_dir / "final"
-  if result.status == "done" and not final.exists() and jax.process_index() == 0:
-    params = jax.device_get(result.state["params"])
-    ckpt_lib.save_model_dir(final, setup.model_cfg, params, setup.tokenizer.path)
-    print(f"wrote {final}", file=sys.stderr)
-  return result
 
 
 def run(cfg: c.Pretrain, run_dir: Path, check_sharding: bool = False):
@@ -217,17 +60,3 @@ def run(cfg: c.Pretrain, run_dir: Path, check_sharding: bool = False):
   return run_lm(cfg, run_dir, setup, loss_fn, batches(train_src), eval_hook)
 
 
-def sharding_report(cfg, setup: Setup, loss_fn, it, steps: int = 3) -> dict:
-  """`--check-sharding`: the configured mesh against one device over `steps` steps; prints and returns errors."""
-  batches = [next(it) for _ in range(steps)]
-  params = jax.device_get(setup.init_params())
-  one = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  micro = cfg.global_batch // cfg.micro_batch if cfg.micro_batch else 1
-  err = train.check_sharding(loss_fn, params, setup.param_axes, train.make_optimizer(cfg.optim, cfg.steps),
-                             batches, setup.mesh, one, micro)
-  ok = err["grad_rel_err"] < 1e-4 and err["param_rel_err"] < 1e-4
-  print(f"mesh {dict(setup.mesh.shape)} vs one device over {steps} steps: gradient rel. error "
-        f"{err['grad_rel_err']:.2e}, parameter rel. error {err['param_rel_err']:.2e}: {'OK' if ok else 'MISMATCH'}")
-  if not ok:
-    raise SystemExit(1)
-  return err
