@@ -225,3 +225,9 @@ def from_dict(cls: type, d: dict) -> Any:
       v = tuple(v)
     kw[name] = v
   return cls(**kw)
+
+
+# --- SFT (issue 5) configs: Dialogs, SFT --------------------------------------------------------------------
+
+
+# --- Reward model (issue 6) configs: Preferences, RewardModel -----------------------------------------------

@@ -128,8 +128,14 @@ def identity(cfg) -> dict:
           if not getattr(cfg, "init", "") else {"init": cfg.init}}
 
 
-def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, *, extra_identity=None):
-  """Shared by LM stages: build or resume the state, run the loop, write run_dir/final when done."""
+def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, *, extra_identity=None,
+           save_final=None, hooks=()):
+  """Shared by training stages: build or resume the state, run the loop, write run_dir/final when done.
+
+  cfg must have: steps, optim, global_batch, micro_batch, seed, ckpt, log_every, tensorboard, seq_len, name.
+  save_final(final_dir, params): writes the final model directory (default: an l2jax Llama model directory).
+  hooks: more train.Hook objects (e.g. sampling answers at the end).
+"""
   mesh = setup.mesh
   micro = cfg.global_batch // cfg.micro_batch if cfg.micro_batch else 1
   if cfg.micro_batch and cfg.global_batch % cfg.micro_batch:
@@ -157,14 +163,17 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
   step = train.compile_step(step_fn, abstract_state, setup.param_axes, mesh, example)
   result = train.run(step, state, train_batches, total_steps=cfg.steps, run_dir=run_dir, ckpt=ck,
                      ckpt_every=cfg.ckpt.every, mesh=mesh, log_every=cfg.log_every,
-                     hooks=(eval_hook,) if eval_hook else (),
+                     hooks=((eval_hook,) if eval_hook else ()) + tuple(hooks),
                      flops_per_token=setup.model_cfg.flops_per_token(cfg.seq_len),
                      tensorboard=cfg.tensorboard, description=type(cfg).stage)
   ck.close()
   final = run_dir / "final"
   if result.status == "done" and not final.exists() and jax.process_index() == 0:
     params = jax.device_get(result.state["params"])
-    ckpt_lib.save_model_dir(final, setup.model_cfg, params, setup.tokenizer.path)
+    if save_final is not None:
+      save_final(final, params)
+    else:
+      ckpt_lib.save_model_dir(final, setup.model_cfg, params, setup.tokenizer.path)
     print(f"wrote {final}", file=sys.stderr)
   return result
 
