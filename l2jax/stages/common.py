@@ -135,7 +135,7 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
   cfg must have: steps, optim, global_batch, micro_batch, seed, ckpt, log_every, tensorboard, seq_len, name.
   save_final(final_dir, params): writes the final model directory (default: an l2jax Llama model directory).
   hooks: more train.Hook objects (e.g. sampling answers at the end).
-"""
+  """
   mesh = setup.mesh
   micro = cfg.global_batch // cfg.micro_batch if cfg.micro_batch else 1
   if cfg.micro_batch and cfg.global_batch % cfg.micro_batch:
