@@ -72,17 +72,32 @@ def restore_params(path: str | Path, target: Any | None = None) -> Any:
 
 def save_model_dir(out_dir: str | Path, cfg: LlamaConfig, params: Any, tokenizer: str | Path | None,
                    extra_files: dict[str, str] | None = None) -> Path:
-  """Write an l2jax model directory atomically: params/, config.json, tokenizer.model (+ extra text files)."""
-  with atomic_dir(out_dir) as tmp:
-    cfg.save(tmp / CONFIG)
+  """Write an l2jax model directory: params/, config.json, tokenizer.model (+ extra text files).
+
+  One process: everything goes into a temporary sibling renamed into place (atomic). Several processes
+  (multi-host, params sharded over all of them): every process must call this; Orbax writes params/
+  collectively (atomic itself), then process 0 writes config.json last, so a directory without
+  config.json is never taken for a complete checkpoint.
+  """
+  if tokenizer is not None and not Path(tokenizer).is_file():
+    raise FileNotFoundError(f"{tokenizer}: tokenizer model not found")
+
+  def write_small(d: Path) -> None:
     if tokenizer is not None:
-      tokenizer = Path(tokenizer)
-      if not tokenizer.is_file():
-        raise FileNotFoundError(f"{tokenizer}: tokenizer model not found")
-      shutil.copyfile(tokenizer, tmp / TOKENIZER)
+      shutil.copyfile(tokenizer, d / TOKENIZER)
     for name, text in (extra_files or {}).items():
-      (tmp / name).write_text(text)
+      (d / name).write_text(text)
+    cfg.save(d / CONFIG)
+
+  if jax.process_count() > 1:
+    out = Path(out_dir).absolute()
+    save_params(out / PARAMS, params)
+    if jax.process_index() == 0:
+      write_small(out)
+    return out
+  with atomic_dir(out_dir) as tmp:
     save_params(tmp / PARAMS, params)
+    write_small(tmp)
   return Path(out_dir)
 
 

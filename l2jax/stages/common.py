@@ -168,8 +168,10 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
                      tensorboard=cfg.tensorboard, description=type(cfg).stage)
   ck.close()
   final = run_dir / "final"
-  if result.status == "done" and not final.exists() and jax.process_index() == 0:
-    params = jax.device_get(result.state["params"])
+  if result.status == "done" and not (final / ckpt_lib.CONFIG).exists():
+    params = result.state["params"]
+    if jax.process_count() == 1:
+      params = jax.device_get(params)
     if save_final is not None:
       save_final(final, params)
     else:
