@@ -72,8 +72,8 @@ def bench_hf(cfg, batch: int, seq: int, iters: int) -> dict:
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[cfg.dtype]
   hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(cfg, cfg.dtype).items()
-                                       if k not in ("architectures", "model_type", "torch_dtype")})
-  hf_cfg._attn_implementation = "sdpa"
+                                       if k not in ("architectures", "model_type", "torch_dtype")},
+                                    attn_implementation="sdpa")
   torch.manual_seed(0)
   with torch.device(dev):
     model = transformers.LlamaForCausalLM(hf_cfg).to(tdt).eval()
@@ -163,9 +163,10 @@ def bench_convert_rss(preset: str, dtype: str, shard_size: str, workdir: str | N
     nbytes = write_synthetic_hf(src, cfg, dtype, shard_size)
     write_s = time.perf_counter() - t0
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # the converter never needs the accelerator
+    tok = ROOT / "data" / "llama2-tokenizer" / "tokenizer.model"  # 32000 pieces
+    tok_args = ["--tokenizer", str(tok)] if cfg.vocab_size >= 32000 else []
     r = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT / "tools" / "hf_to_l2jax.py"), str(src), str(dst),
-                        "--tokenizer", str(ROOT / "data" / "llama2-tokenizer" / "tokenizer.model")],
-                       capture_output=True, text=True, env=env)
+                        *tok_args], capture_output=True, text=True, env=env)
     last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "{}"
     res = json.loads(last)
     if r.returncode or res.get("rc"):
@@ -179,8 +180,9 @@ def bench_convert_rss(preset: str, dtype: str, shard_size: str, workdir: str | N
       shutil.rmtree(base, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
-  a = _args(argv if argv is not None else sys.argv[1:])
+def run(argv: list[str]) -> dict:
+  """Run the benchmark, print its table, and return the figures."""
+  a = _args(argv)
   results: dict = {}
   if not a.rss_only:
     import jax
@@ -214,5 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
   return results
 
 
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of `tools/bench.py forward ...`."""
+  run(sys.argv[1:] if argv is None else argv)
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -11,8 +11,6 @@ needs about one copy of the model in memory), dtype names, and the error type.
 """
 from __future__ import annotations
 
-import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -94,7 +92,7 @@ def meta_to_l2jax(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
 
 def l2jax_to_meta(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
   """Inverse of `meta_to_l2jax`: one parameter (one layer's slice for blocks) to torch Linear layout."""
-  D, Dh = cfg.dim, cfg.head_dim
+  D = cfg.dim
   if name in ("wq", "wk", "wv"):
     return w.transpose(1, 2, 0).reshape(-1, D)
   if name == "wo":
@@ -196,8 +194,9 @@ def check_tokenizer_vocab(tokenizer: Path | None, cfg: LlamaConfig) -> None:
 def save(out_dir: str | Path, cfg: LlamaConfig, params: dict, tokenizer: Path | None) -> Path:
   """Write the l2jax model directory atomically (no partial directory on failure).
 
-  The numpy arrays are handed to Orbax as CPU jax.Arrays, which alias them without a copy: Orbax's numpy
-  path holds about 1.7 extra copies of the model while writing, its jax.Array path about one.
+  The numpy arrays go to Orbax as CPU jax.Arrays (device_put aliases them, no copy): Orbax writes those
+  two to three times faster than numpy arrays. Either way Orbax holds a host snapshot of the whole tree
+  plus its compressed chunks until the write commits (measured: about 1.8x the model on top of it).
   """
   import jax
 
@@ -205,12 +204,3 @@ def save(out_dir: str | Path, cfg: LlamaConfig, params: dict, tokenizer: Path | 
   cpu = jax.devices("cpu")[0]
   params = jax.tree.map(lambda a: jax.device_put(a, cpu), params)
   return checkpoint.save_model_dir(out_dir, cfg, params, tokenizer)
-
-
-def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
-  src = src_dir / "tokenizer.model"
-  if src.is_file():
-    shutil.copyfile(src, dst_dir / "tokenizer.model")
-
-
-LAYER_KEY = re.compile(r"^(?P<prefix>.*?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$")
