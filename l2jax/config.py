@@ -229,5 +229,156 @@ def from_dict(cls: type, d: dict) -> Any:
 
 # --- SFT (issue 5) configs: Dialogs, SFT --------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Dialogs:
+  """Dialogs for supervised fine-tuning (l2jax/data/dialogs.py; docs/sft.md).
+
+  kind: "messages" (JSONL {"messages": [{"role", "content"}, ...]}), "oasst" (OpenAssistant message trees, one
+  dialog per tree along the best-ranked replies), "gsm8k" (JSONL {"question", "answer"}) or "tfds" (a local
+  TFDS dataset `name`/`split` in `data_dir`, read with tfds.data_source, no TensorFlow). paths: JSONL files or
+  globs. field: the messages key (JSONL) or feature (TFDS). system: a system prompt given to dialogs that
+  have none ("" = none). max_dialogs: use only the first N records (0 = all). eval_every_nth: hold out every
+  n-th record for evaluation and sampling (0 = none). skip_bad: count and report bad records instead of stopping.
+  """
+  kind: str = "messages"
+  paths: tuple[str, ...] = ()
+  field: str = "messages"
+  name: str = ""
+  split: str = "train"
+  data_dir: str = ""
+  system: str = ""
+  tokenizer: str = "data/llama2-tokenizer/tokenizer.model"
+  max_dialogs: int = 0
+  eval_every_nth: int = 0
+  skip_bad: bool = False
+
+  def __post_init__(self):
+    kinds = ("messages", "oasst", "gsm8k", "tfds")
+    if self.kind not in kinds:
+      raise ValueError(f"data.kind: expected one of {kinds}, found {self.kind!r}")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class SFT:
+  """Supervised fine-tuning (Llama 2 section 3.1): next-token loss on answer tokens only, dialogs packed whole.
+
+  The paper: cosine schedule from lr 2e-5, weight decay 0.1, batch 64 sequences of 4096 tokens, 2 epochs.
+  model: the architecture (from `init` when given; numerics from here). init: an l2jax checkpoint directory
+  ("" = random init). epochs: passes over the training dialogs. steps: 0 = every batch of `epochs` epochs
+  (derived from the packed dataset size); N > 0 = exactly N steps (going on into further epochs if needed).
+  eval_every / eval_batches: held-out answer-only loss. sample_prompts: held-out prompts answered greedily at
+  the end into run_dir/samples.jsonl (0 = none), with at most sample_max_new_tokens new tokens.
+  """
+  stage: ClassVar[str] = "sft"
+  name: str = "sft"
+  model: LlamaConfig = LlamaConfig()
+  init: str = ""
+  data: Dialogs = Dialogs()
+  optim: AdamW = AdamW(lr=2e-5, warmup_steps=0, decay_to=0.0, weight_decay=0.1)
+  seq_len: int = 4096
+  global_batch: int = 64
+  micro_batch: int = 0
+  epochs: int = 2
+  steps: int = 0
+  seed: int = 0
+  mesh: Mesh = Mesh()
+  ckpt: Checkpointing = Checkpointing()
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 4
+  sample_prompts: int = 4
+  sample_max_new_tokens: int = 128
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    if self.epochs < 1:
+      raise ValueError(f"epochs must be >= 1, found {self.epochs}")
+    if self.steps < 0:
+      raise ValueError(f"steps must be >= 0 (0 = derived from epochs), found {self.steps}")
+
+
 
 # --- Reward model (issue 6) configs: Preferences, RewardModel -----------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Preferences:
+  """Preference pairs for a reward model and their mixture (Llama 2 section 3.2.2, "Data Composition").
+
+  Sources are "FORMAT:PATH" strings (FORMAT: hh | oasst | jsonl, see l2jax.data.preferences; PATH may be a glob).
+  sources: used in full. mix: pooled and sampled uniformly to make `mix_fraction` of the training mixture
+  (helpfulness RM: 0.5, "equal parts" of safety and open-source data; safety RM: 0.1, the "90/10" mix).
+  heldout_fraction: share of conversations of every source and mix file held out for evaluation
+  (deterministic, by a hash of the first user turn). eval_sources: more sets evaluated in full, never trained on.
+  eval_pairs: evaluate at most this many pairs of each held-out set (0 = all).
+  safety_filter: drop pairs whose chosen response is labelled unsafe while the rejected one is labelled safe.
+  tokenizer: SentencePiece model (an `init` checkpoint's own tokenizer.model wins).
+  skip_bad: skip and report bad records instead of stopping at the first.
+  """
+  sources: tuple[str, ...] = ()
+  mix: tuple[str, ...] = ()
+  mix_fraction: float = 0.0
+  heldout_fraction: float = 0.05
+  eval_sources: tuple[str, ...] = ()
+  eval_pairs: int = 0
+  safety_filter: bool = True
+  tokenizer: str = "data/llama2-tokenizer/tokenizer.model"
+  skip_bad: bool = False
+
+  def __post_init__(self):
+    if not 0.0 <= self.mix_fraction < 1.0:
+      raise ValueError(f"data.mix_fraction: expected a value in [0, 1), found {self.mix_fraction}")
+    if not 0.0 <= self.heldout_fraction < 1.0:
+      raise ValueError(f"data.heldout_fraction: expected a value in [0, 1), found {self.heldout_fraction}")
+    for s in self.sources + self.mix + self.eval_sources:
+      fmt, sep, path = s.partition(":")
+      if not sep or fmt not in ("hh", "oasst", "jsonl") or not path:
+        raise ValueError(f"preference source {s!r}: expected FORMAT:PATH with FORMAT one of hh, oasst, jsonl")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RewardModel:
+  """A reward model (Llama 2 section 3.2.2): Llama backbone + scalar head, binary ranking loss with margin.
+
+  objective: "helpfulness" or "safety" (recorded in head.json). model: the architecture (taken from `init` when
+  set). init: an l2jax chat / SFT checkpoint directory for the backbone ("" = random); the head starts fresh.
+  margin: "none", "small" or "large" (Table 27). seq_len: tokens per row (a pair is two rows; longer rows keep
+  BOS and their last tokens). global_batch: pairs per step (512 in the paper, 1024 rows). micro_batch: pairs
+  per accumulation step (0 = none). epochs: passes over the training mixture (1 in the paper); steps: 0 =
+  ceil(epochs * pairs / global_batch). warmup_fraction, min_warmup: warmup = max(min_warmup,
+  ceil(warmup_fraction * steps)) (3% with a minimum of 5 in the paper); warmup_fraction 0 keeps
+  optim.warmup_steps. eval_every: steps between held-out evaluations (always at the end); eval_batch: pairs
+  per evaluation batch (0 = global_batch).
+  """
+  stage: ClassVar[str] = "reward"
+  name: str = "rm"
+  objective: str = "helpfulness"
+  model: LlamaConfig = LlamaConfig()
+  init: str = ""
+  data: Preferences = Preferences()
+  margin: str = "small"
+  optim: AdamW = AdamW(lr=1e-5, warmup_steps=5, decay_to=0.1)
+  seq_len: int = 4096
+  global_batch: int = 512
+  micro_batch: int = 0
+  epochs: float = 1.0
+  steps: int = 0
+  warmup_fraction: float = 0.03
+  min_warmup: int = 5
+  seed: int = 0
+  mesh: Mesh = Mesh()
+  ckpt: Checkpointing = Checkpointing()
+  log_every: int = 10
+  eval_every: int = 0
+  eval_batch: int = 0
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    if self.objective not in ("helpfulness", "safety"):
+      raise ValueError(f"objective: expected 'helpfulness' or 'safety', found {self.objective!r}")
+    if self.margin not in ("none", "small", "large"):
+      raise ValueError(f"margin: expected 'none', 'small' or 'large' (Table 27), found {self.margin!r}")
+    if self.epochs <= 0 and self.steps <= 0:
+      raise ValueError(f"epochs={self.epochs}, steps={self.steps}: set a positive number of epochs or steps")

@@ -1,0 +1,530 @@
+"""SFT data (Llama 2 section 3.1): dialogs -> chat-format tokens + answer-only loss mask -> packed rows -> batches.
+
+"We zero-out the loss on tokens from the user prompt, so as a result, we backpropagate only on answer tokens."
+A dialog is `[{"role": "system"|"user"|"assistant", "content": str}, ...]` (an optional system message first,
+then user / assistant alternating). It is encoded with THE chat format of `tokenizer.py` (`encode_chat_with_mask`):
+each exchange is BOS "[INST] {user} [/INST] {answer} " EOS, the system prompt inside the first [INST]. The answer
+mask is 1 exactly on every assistant answer's tokens and the EOS closing it; the user side of every exchange
+(BOS, [INST], the prompt, [/INST]) is 0.
+
+Readers (random access: `len(src)`, `src[i] -> messages`; a bad record raises DataError "file:line: problem"):
+  MessagesJsonl(paths)   {"messages": [{"role", "content"}, ...]} per line
+  OasstTrees(paths)      OpenAssistant message trees (one per line): one dialog per tree along the best-ranked
+                         replies (lowest `rank`; unranked after ranked; ties and follow-up prompts: file order;
+                         deleted or review-rejected messages skipped); a trailing prompter message is dropped
+  Gsm8k(paths)           {"question", "answer"} per line -> one exchange
+  TfdsDialogs(name)      a local TFDS dataset (tfds.data_source, no TensorFlow); feature `field` holds the
+                         messages (a JSON string, or a Sequence({"role", "content"})), or question / answer features
+
+encode_dialogs(...) -> Encoded: every dialog tokenized once (ids, answer mask), with the truncation policy:
+  a dialog ending on a user message loses that message (nothing to learn from it); a dialog without any answer
+  is dropped; a dialog longer than the context (n tokens need n - 1 input slots <= seq_len) loses its OLDEST
+  exchanges, whole, until it fits; the system prompt is kept (re-attached to the first kept user message, as
+  the chat format places it); if the last exchange alone (with the system prompt) does not fit, the dialog is
+  dropped. So every kept dialog ends on a complete answer and has answer tokens. All of it is counted in `stats`.
+
+Packing (`pack_plan`): each epoch, dialogs in a seeded shuffled order (numpy PCG64 with (seed, epoch)) are put
+first-fit into the last PACK_WINDOW open rows, a new row opened when none has room; rows leave in opening order.
+A dialog is never split: its n tokens fill n - 1 slots (`tokens = ids[:-1]`, `targets = ids[1:]`) as one
+segment; rows never mix epochs; all epochs' rows are concatenated and cut into global batches (the last one
+padded with empty rows). Global batch b is rows [b*G, (b+1)*G); process p of P builds rows b*G + p*G/P ...
+(its contiguous block), so the global batch does not depend on the number of processes.
+
+Each batch (numpy, [B, T], B = this process's rows):
+  tokens       int32    input ids (pad_id on padding)
+  targets      int32    next token of the same dialog (pad_id on padding)
+  segment_ids  int32    1, 2, ... per dialog within the row; 0 on padding
+  positions    int32    0, 1, ... from each dialog's start
+  loss_mask    float32  the answer mask shifted to targets: 1 where the target is an answer token or its EOS
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from l2jax.data.sources import DataError, _line_spans, _SpanSource, expand_paths
+from l2jax.data.tokenizer import ROLES, chat_exchanges, encode_chat, encode_chat_with_mask
+
+KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+KINDS = ("messages", "oasst", "gsm8k", "tfds")
+PACK_WINDOW = 16
+
+
+class RecordError(DataError):
+  """One bad record: `where` ("file:line" or "dataset record i") and `problem`."""
+
+  def __init__(self, where: str, problem: str):
+    super().__init__(f"{where}: {problem}")
+    self.where, self.problem = where, problem
+
+
+class _Problem(Exception):
+  pass
+
+
+def check_messages(messages: Any) -> list[dict]:
+  """The dialog as [{"role", "content"}] or _Problem naming what is wrong (roles, order, empty content)."""
+  if not isinstance(messages, list) or not messages:
+    raise _Problem(f"expected a non-empty list of messages, found {type(messages).__name__} {str(messages)[:40]!r}")
+  out = []
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise _Problem(f"message {i}: expected an object, found {type(m).__name__}")
+    for key in ("role", "content"):
+      if key not in m:
+        raise _Problem(f"message {i}: missing {key!r} (keys: {sorted(m)[:6]})")
+    if m["role"] not in ROLES:
+      raise _Problem(f"message {i}: unknown role {m['role']!r}; expected one of {ROLES}")
+    if not isinstance(m["content"], str):
+      raise _Problem(f"message {i}: content is {type(m['content']).__name__}, expected a string")
+    if not m["content"].strip():
+      raise _Problem(f"message {i} ({m['role']}): empty content")
+    out.append({"role": m["role"], "content": m["content"]})
+  try:
+    chat_exchanges(out)  # THE chat format's order rule: [system] user assistant user ...
+  except ValueError as e:
+    raise _Problem(str(e)) from None
+  return out
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+class _JsonlDialogs(_SpanSource):
+  """A JSONL file set, one record per non-blank line; `to_messages(obj)` makes the dialog (validated on read)."""
+
+  name = "dialog source"
+
+  def __init__(self, paths):
+    files = expand_paths(paths)
+    spans, lines = [], []
+    for fi, path in enumerate(files):
+      data = path.read_bytes()
+      for lineno, (s, e) in enumerate(_line_spans(data), 1):
+        if data[s:e].strip():
+          spans.append((fi, s, e))
+          lines.append(lineno)
+    super().__init__(files, np.asarray(spans, np.int64).reshape(-1, 3))
+    self._lines = np.asarray(lines, np.int64)
+
+  def where(self, i: int) -> str:
+    return f"{self.files[int(self._spans_n3[i, 0])]}:{int(self._lines[i])}"
+
+  def __getitem__(self, i: int) -> list[dict]:
+    raw = self._read(i)
+    try:
+      obj = json.loads(raw)
+    except UnicodeDecodeError as e:
+      raise RecordError(self.where(i), f"not valid UTF-8 ({e.reason})") from None
+    except json.JSONDecodeError as e:
+      raise RecordError(self.where(i), f"invalid JSON ({e.msg} at column {e.colno})") from None
+    try:
+      if not isinstance(obj, dict):
+        raise _Problem(f"expected a JSON object, found {type(obj).__name__}")
+      return self.to_messages(obj)
+    except _Problem as e:
+      raise RecordError(self.where(i), str(e)) from None
+
+  def to_messages(self, obj: dict) -> list[dict]:
+    raise NotImplementedError
+
+
+class MessagesJsonl(_JsonlDialogs):
+  """{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} per line."""
+
+  name = "messages JSONL"
+
+  def __init__(self, paths, field: str = "messages"):
+    self.field = field
+    super().__init__(paths)
+
+  def to_messages(self, obj: dict) -> list[dict]:
+    if self.field not in obj:
+      raise _Problem(f"missing field {self.field!r} (keys: {sorted(obj)[:8]})")
+    return check_messages(obj[self.field])
+
+
+class Gsm8k(_JsonlDialogs):
+  """GSM8K {"question", "answer"} per line -> [user: question, assistant: answer] (answer text as released)."""
+
+  name = "GSM8K JSONL"
+
+  def to_messages(self, obj: dict) -> list[dict]:
+    return check_messages(_qa_messages(obj))
+
+
+def _qa_messages(obj: dict) -> list[dict]:
+  for key in ("question", "answer"):
+    if key not in obj:
+      raise _Problem(f"missing field {key!r} (keys: {sorted(obj)[:8]})")
+  return [{"role": "user", "content": obj["question"]}, {"role": "assistant", "content": obj["answer"]}]
+
+
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+def _oasst_usable(node: Any) -> bool:
+  return isinstance(node, dict) and not node.get("deleted", False) and node.get("review_result", True) is not False
+
+
+def oasst_best_path(tree: dict) -> list[dict]:
+  """The dialog along the best-ranked replies of an OpenAssistant message tree (see the module docstring)."""
+  node = tree.get("prompt") if isinstance(tree, dict) else None
+  if not isinstance(node, dict):
+    raise _Problem("expected an OpenAssistant message tree with a 'prompt' node")
+  path, depth = [], 0
+  while node is not None:
+    for key in ("role", "text"):
+      if key not in node:
+        raise _Problem(f"message {depth}: missing {key!r} (keys: {sorted(node)[:8]})")
+    if node["role"] not in OASST_ROLES:
+      raise _Problem(f"message {depth}: unknown role {node['role']!r}; expected one of {sorted(OASST_ROLES)}")
+    path.append({"role": OASST_ROLES[node["role"]], "content": node["text"]})
+    replies = node.get("replies") or []
+    if not isinstance(replies, list):
+      raise _Problem(f"message {depth}: 'replies' is {type(replies).__name__}, expected a list")
+    ok = [(i, r) for i, r in enumerate(replies) if _oasst_usable(r)]
+    node, depth = None, depth + 1
+    if ok:
+      rank = lambda ir: (0, ir[1]["rank"], ir[0]) if isinstance(ir[1].get("rank"), (int, float)) else (1, 0, ir[0])
+      node = min(ok, key=rank)[1]
+  if path[-1]["role"] == "user" and len(path) > 1:
+    path = path[:-1]  # a follow-up question nobody answered
+  return check_messages(path)
+
+
+class OasstTrees(_JsonlDialogs):
+  """OpenAssistant message trees ({"message_tree_id", "prompt": node}, node {"role", "text", "replies", "rank"})."""
+
+  name = "OpenAssistant trees"
+
+  def to_messages(self, obj: dict) -> list[dict]:
+    return oasst_best_path(obj)
+
+
+class TfdsDialogs:
+  """A prepared local TFDS dataset of dialogs, read with tfds.data_source (array_record; no TensorFlow)."""
+
+  def __init__(self, name: str, split: str = "train", data_dir: str | None = None, field: str = "messages"):
+    from l2jax.data.sources import TfdsSource
+    try:
+      src = TfdsSource(name, split=split, data_dir=data_dir, field=field)
+    except DataError as e:
+      if "no feature" not in str(e):
+        raise
+      try:  # question / answer pairs
+        src = TfdsSource(name, split=split, data_dir=data_dir, field="question")
+      except DataError:
+        raise DataError(f"{e}; expected feature {field!r} (messages) or 'question' and 'answer'") from None
+    self._ds, self._where, self.field = src._ds, src._where, field
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def where(self, i: int) -> str:
+    return f"{self._where} record {i}"
+
+  def __getitem__(self, i: int) -> list[dict]:
+    rec = {k: _text(v) for k, v in self._ds[int(i)].items()}
+    try:
+      value = rec.get(self.field)
+      if value is None:
+        return check_messages(_qa_messages(rec))
+      if isinstance(value, str):
+        try:
+          value = json.loads(value)
+        except json.JSONDecodeError as e:
+          raise _Problem(f"feature {self.field!r}: invalid JSON ({e.msg} at column {e.colno})") from None
+        value = value.get("messages") if isinstance(value, dict) else value
+      elif isinstance(value, dict) and "role" in value and "content" in value:  # Sequence({"role", "content"})
+        value = [{"role": r, "content": c} for r, c in zip(value["role"], value["content"])]
+      return check_messages(value)
+    except _Problem as e:
+      raise RecordError(self.where(i), str(e)) from None
+
+  def __repr__(self) -> str:
+    return f"TfdsDialogs({self._where}, {len(self)} records)"
+
+
+def _text(v: Any) -> Any:
+  """bytes -> str, recursively through arrays / lists / dicts (TFDS gives Text features as bytes)."""
+  if isinstance(v, bytes):
+    return v.decode("utf-8")
+  if isinstance(v, np.ndarray):
+    return _text(v.item()) if v.ndim == 0 else [_text(x) for x in v.tolist()]
+  if isinstance(v, list):
+    return [_text(x) for x in v]
+  if isinstance(v, dict):
+    return {k: _text(x) for k, x in v.items()}
+  return v
+
+
+def open_dialogs(kind: str, paths: Sequence[str] = (), *, name: str = "", split: str = "train",
+                 data_dir: str = "", field: str = "messages"):
+  """The reader for `kind` (one of KINDS)."""
+  if kind not in KINDS:
+    raise ValueError(f"data.kind: expected one of {KINDS}, found {kind!r}")
+  if kind == "tfds":
+    if not name:
+      raise ValueError("data.kind=tfds needs data.name")
+    return TfdsDialogs(name, split=split, data_dir=data_dir or None, field=field)
+  if not paths:
+    raise ValueError(f"data.kind={kind} needs data.paths")
+  return {"messages": lambda: MessagesJsonl(paths, field=field), "oasst": lambda: OasstTrees(paths),
+          "gsm8k": lambda: Gsm8k(paths)}[kind]()
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+def with_system(messages: list[dict], system: str) -> list[dict]:
+  """Prepend a default system prompt to a dialog that has none ("" = leave as is)."""
+  if system and messages and messages[0]["role"] != "system":
+    return [{"role": "system", "content": system}] + list(messages)
+  return list(messages)
+
+
+def encode_dialog(tok, messages: list[dict], max_tokens: int) -> tuple[list[int], list[int], int, bool] | None:
+  """(ids, answer mask, exchanges dropped, trailing user dropped) under the truncation policy; None if dropped.
+
+  At most `max_tokens` ids. The policy (module docstring): drop a trailing user message; drop the oldest
+  exchanges while too long, keeping the system prompt; None when no answer is left or the last exchange alone
+  does not fit.
+  """
+  system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+  turns = list(messages[1:] if system is not None else messages)
+  trailing = bool(turns) and turns[-1]["role"] == "user"
+  if trailing:
+    turns = turns[:-1]
+  if not turns:
+    return None
+  head = [{"role": "system", "content": system}] if system is not None else []
+  k = len(turns) // 2
+  for j in range(k):  # j = exchanges dropped from the left
+    ids, mask = encode_chat_with_mask(tok, head + turns[2 * j:])
+    if len(ids) <= max_tokens:
+      return ids, mask, j, trailing
+  return None
+
+
+def problem_kind(problem: str) -> str:
+  """A problem without its record details, for counting: "message 2: missing 'role' (keys: ...)" -> "missing 'role'"."""
+  p = re.sub(r"^message \d+( \(\w+\))?: ", "", problem)
+  return re.split(r" \(|;|:", p)[0].strip()
+
+
+@dataclasses.dataclass
+class Encoded:
+  """Kept dialogs, tokenized: dialog i is tokens[offsets[i]:offsets[i+1]] with its answer mask; index[i] its record."""
+  tokens: np.ndarray   # int32 [N]
+  mask: np.ndarray     # uint8 [N]
+  offsets: np.ndarray  # int64 [n + 1]
+  index: np.ndarray    # int64 [n] record index in the source
+  stats: dict
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def dialog(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    a, b = self.offsets[i], self.offsets[i + 1]
+    return self.tokens[a:b], self.mask[a:b]
+
+  @property
+  def slots(self) -> np.ndarray:
+    """Input slots each dialog fills in a row: its length - 1. int64 [n]."""
+    return np.diff(self.offsets) - 1
+
+
+def encode_dialogs(source, tok, *, seq_len: int, system: str = "", skip_bad: bool = False,
+                   max_examples: int = 10) -> Encoded:
+  """Validate and tokenize every record of `source`, applying the truncation policy; count what happened.
+
+  A bad record raises its RecordError ("file:line: problem") unless `skip_bad`, which counts it by problem.
+  """
+  toks, masks, offsets, index = [], [], [0], []
+  st = {"records": len(source), "dialogs": 0, "skipped_bad": 0, "skipped": {}, "skipped_examples": [],
+        "no_answer": 0, "trailing_user_dropped": 0, "truncated": 0, "exchanges_dropped": 0,
+        "dropped_too_long": 0, "tokens": 0, "answer_tokens": 0}
+  for i in range(len(source)):
+    try:
+      msgs = source[i]
+    except RecordError as e:
+      if not skip_bad:
+        raise
+      key = problem_kind(e.problem)
+      st["skipped_bad"] += 1
+      st["skipped"][key] = st["skipped"].get(key, 0) + 1
+      if len(st["skipped_examples"]) < max_examples:
+        st["skipped_examples"].append(str(e))
+      continue
+    msgs = with_system(msgs, system)
+    if not any(m["role"] == "assistant" for m in msgs):
+      st["no_answer"] += 1
+      continue
+    enc = encode_dialog(tok, msgs, seq_len + 1)
+    if enc is None:
+      st["dropped_too_long"] += 1
+      continue
+    ids, mask, dropped, trailing = enc
+    st["trailing_user_dropped"] += int(trailing)
+    st["truncated"] += int(dropped > 0)
+    st["exchanges_dropped"] += dropped
+    toks.append(np.asarray(ids, np.int32))
+    masks.append(np.asarray(mask, np.uint8))
+    offsets.append(offsets[-1] + len(ids))
+    index.append(i)
+  st["dialogs"] = len(index)
+  cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros((0,), dt)
+  enc = Encoded(cat(toks, np.int32), cat(masks, np.uint8), np.asarray(offsets, np.int64),
+                np.asarray(index, np.int64), st)
+  st["tokens"], st["answer_tokens"] = int(len(enc.tokens)), int(enc.mask.sum())
+  return enc
+
+
+def prompt_for_sampling(tok, messages: list[dict], system: str = "") -> tuple[list[dict], list[int], str]:
+  """(history up to the last user message, its encode_chat ids -- what the sampler is fed --, reference answer)."""
+  msgs = with_system(messages, system)
+  last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+  history = msgs[:last]
+  return history, encode_chat(tok, history), msgs[last]["content"].strip()
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+@dataclasses.dataclass
+class PackPlan:
+  """Rows of dialog numbers: row r holds members[row_offsets[r]:row_offsets[r+1]]; row_epoch[r] its epoch."""
+  members: np.ndarray      # int64 [sum of row sizes]
+  row_offsets: np.ndarray  # int64 [R + 1]
+  row_epoch: np.ndarray    # int32 [R]
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.row_epoch)
+
+  def row(self, r: int) -> np.ndarray:
+    return self.members[self.row_offsets[r]:self.row_offsets[r + 1]]
+
+  def num_batches(self, global_batch: int) -> int:
+    return -(-self.num_rows // global_batch)
+
+  def batches_per_epoch(self, global_batch: int) -> list[float]:
+    return [float(np.sum(self.row_epoch == e)) / global_batch for e in range(int(self.row_epoch.max(initial=-1)) + 1)]
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+  """The order of dialogs in `epoch`: a permutation seeded by (seed, epoch), or 0..n-1."""
+  return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
+def pack_plan(slots: np.ndarray, seq_len: int, *, seed: int = 0, epochs: int = 1, shuffle: bool = True,
+              window: int = PACK_WINDOW) -> PackPlan:
+  """First-fit packing of whole dialogs (each `slots[i]` <= seq_len input slots) per epoch (module docstring)."""
+  slots = np.asarray(slots, np.int64)
+  if len(slots) and slots.max() > seq_len:
+    raise ValueError(f"a dialog needs {slots.max()} slots > seq_len={seq_len}; encode with the same seq_len")
+  members, offsets, epochs_r = [], [0], []
+  for e in range(epochs):
+    open_rows: list[list] = []  # [free slots, [dialog numbers]]
+
+    def close(row):
+      members.extend(row[1])
+      offsets.append(offsets[-1] + len(row[1]))
+      epochs_r.append(e)
+
+    for d in epoch_order(len(slots), seed, e, shuffle):
+      need = int(slots[d])
+      for row in open_rows:
+        if row[0] >= need:
+          row[0] -= need
+          row[1].append(int(d))
+          break
+      else:
+        open_rows.append([seq_len - need, [int(d)]])
+        if len(open_rows) > window:
+          close(open_rows.pop(0))
+    for row in open_rows:
+      close(row)
+  return PackPlan(np.asarray(members, np.int64), np.asarray(offsets, np.int64), np.asarray(epochs_r, np.int32))
+
+
+def empty_rows(n: int, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  rows = {k: np.zeros((n, seq_len), np.int32) for k in KEYS}
+  rows["tokens"][:], rows["targets"][:] = pad_id, pad_id
+  rows["loss_mask"] = np.zeros((n, seq_len), np.float32)
+  return rows
+
+
+def build_row(enc: Encoded, dialogs: Sequence[int], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """One packed row [T] from whole dialogs: tokens ids[:-1], targets ids[1:], loss_mask mask[1:] per segment."""
+  row = {k: v[0] for k, v in empty_rows(1, seq_len, pad_id).items()}
+  i = 0
+  for seg, d in enumerate(dialogs, 1):
+    ids, mask = enc.dialog(int(d))
+    n = len(ids) - 1
+    row["tokens"][i:i + n] = ids[:-1]
+    row["targets"][i:i + n] = ids[1:]
+    row["loss_mask"][i:i + n] = mask[1:]
+    row["segment_ids"][i:i + n] = seg
+    row["positions"][i:i + n] = np.arange(n)
+    i += n
+  return row
+
+
+class PackedBatches:
+  """Random access to this process's share of each global batch: `len` = batches, `[b]` -> {key: [B, T]}."""
+
+  def __init__(self, enc: Encoded, plan: PackPlan, *, seq_len: int, global_batch: int, num_batches: int | None = None,
+               process_index: int = 0, process_count: int = 1, pad_id: int = 0):
+    if global_batch % process_count:
+      raise ValueError(f"global_batch={global_batch} is not divisible by {process_count} processes")
+    self.enc, self.plan, self.seq_len, self.pad_id = enc, plan, seq_len, pad_id
+    self.global_batch, self.local = global_batch, global_batch // process_count
+    self.first = process_index * self.local
+    self.n = plan.num_batches(global_batch) if num_batches is None else num_batches
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+    out = empty_rows(self.local, self.seq_len, self.pad_id)
+    for j in range(self.local):
+      r = b * self.global_batch + self.first + j
+      if r < self.plan.num_rows:
+        for k, v in build_row(self.enc, self.plan.row(r), self.seq_len, self.pad_id).items():
+          out[k][j] = v
+    return out
+
+
+def make_sft_iterator(enc: Encoded, *, seq_len: int, global_batch: int, seed: int = 0, epochs: int = 1,
+                      shuffle: bool = True, num_batches: int | None = None, process_index: int = 0,
+                      process_count: int = 1, pad_id: int = 0, read_threads: int = 2):
+  """(grain iterator of this process's batches, PackPlan). The iterator's get_state() is a JSON-able dict and
+  set_state() on a fresh iterator (same arguments) continues with the same batches.
+
+  num_batches: stop after this many global batches (None: all batches of `epochs` epochs). The caller picks
+  `epochs` large enough (see `epochs_for_steps`).
+  """
+  import grain
+  plan = pack_plan(enc.slots, seq_len, seed=seed, epochs=epochs, shuffle=shuffle)
+  src = PackedBatches(enc, plan, seq_len=seq_len, global_batch=global_batch, num_batches=num_batches,
+                      process_index=process_index, process_count=process_count, pad_id=pad_id)
+  ds = grain.MapDataset.source(src).to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads))
+  return iter(ds), plan
+
+
+def epochs_for_steps(enc: Encoded, *, seq_len: int, global_batch: int, seed: int, epochs: int,
+                     steps: int = 0) -> tuple[int, int]:
+  """(epochs to plan, steps): steps = 0 -> all batches of `epochs` epochs; else enough epochs for `steps`."""
+  plan = pack_plan(enc.slots, seq_len, seed=seed, epochs=epochs)
+  n = plan.num_batches(global_batch)
+  if steps <= 0:
+    return epochs, n
+  e = epochs
+  while n < steps:  # more steps than `epochs` give: go on into further epochs
+    e += 1
+    n = pack_plan(enc.slots, seq_len, seed=seed, epochs=e).num_batches(global_batch)
+  return e, steps
