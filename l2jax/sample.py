@@ -62,27 +62,91 @@ def _bucket(n: int, minimum: int = 1, multiple: int = 1) -> int:
   return -(-b // multiple) * multiple
 
 
+def _ordered_key(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 with the same order (negative floats flipped), for exact bisection on values."""
+  b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _largest_key(key_bv: jax.Array, ok) -> jax.Array:
+  """Per row, the largest t [B, 1] with ok(key_bv >= t) true; ok is monotone and true at the row minimum.
+
+  32 bisection steps over uint32 keys find it exactly (it is one of the row's own keys). This replaces a sort of
+  the vocabulary, which is slow on CPU and TPU.
+  """
+  lo_b1 = jnp.min(key_bv, axis=-1, keepdims=True)
+  hi_b1 = jnp.max(key_bv, axis=-1, keepdims=True)
+  hi_b1 = jnp.where(hi_b1 == jnp.uint32(0xFFFFFFFF), hi_b1, hi_b1 + 1)  # invariant: ok(lo), not ok(hi)
+
+  def step(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2
+    good = ok(key_bv >= mid)
+    return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+  return jax.lax.fori_loop(0, 32, step, (lo_b1, hi_b1))[0]  # a fixed trip count
+
+
+CANDIDATES = 64  # top-k / top-p look at the 64 largest logits first; the exact full-vocabulary search is the fallback
+
+
+def _exact_filter(x_bv: jax.Array, k, top_p, use_top_k: bool, use_top_p: bool) -> jax.Array:
+  """top-k then top-p by bisection over the whole vocabulary (any k, any nucleus size)."""
+  if use_top_k:
+    x_key_bv = _ordered_key(x_bv)
+    t_b1 = _largest_key(x_key_bv, lambda keep_bv: jnp.sum(keep_bv, axis=-1, keepdims=True) >= k)
+    x_bv = jnp.where(x_key_bv >= t_b1, x_bv, -jnp.inf)
+  if use_top_p:
+    p_bv = jax.nn.softmax(x_bv, axis=-1)
+    p_key_bv = _ordered_key(p_bv)
+    mass = lambda keep_bv: jnp.sum(jnp.where(keep_bv, p_bv, 0.0), axis=-1, keepdims=True)
+    t_b1 = _largest_key(p_key_bv, lambda keep_bv: mass(keep_bv) >= top_p)
+    x_bv = jnp.where((p_key_bv >= t_b1) | (top_p >= 1.0), x_bv, -jnp.inf)
+  return x_bv
+
+
 def process_logits(logits_bv: jax.Array, temperature, top_k, top_p, *, use_top_k: bool, use_top_p: bool):
   """The sampling distribution's logits: logits / T, then top-k, then top-p on the renormalised rest; -inf elsewhere.
 
-  temperature > 0; top_k <= 0 keeps all; top_p >= 1 keeps all. Always keeps at least the largest logit.
+  top-k keeps every logit >= the k-th largest; top-p keeps the smallest set of most likely tokens whose mass
+  reaches p, i.e. every prob >= the largest threshold whose upper set has mass >= p (Holtzman et al., 2019).
+  Ties at a threshold are kept. temperature > 0; top_k <= 0 or top_p >= 1 keep all; the argmax is always kept.
+  Fast path: both thresholds from the CANDIDATES largest logits (`lax.top_k`), valid when k <= CANDIDATES and
+  the nucleus lies within them; otherwise an exact bisection over the vocabulary (no sort: slow on CPU / TPU).
   """
   x_bv = logits_bv.astype(jnp.float32) / temperature
   if not (use_top_k or use_top_p):
     return x_bv
   V = x_bv.shape[-1]
-  sorted_bv = -jnp.sort(-x_bv, axis=-1)  # descending
-  idx_v = jnp.arange(V)
-  keep_n = jnp.where(top_k > 0, jnp.minimum(top_k, V), V) if use_top_k else jnp.asarray(V)
-  keep_n_b = jnp.broadcast_to(keep_n, x_bv.shape[:-1])
+  K = min(CANDIDATES, V)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V) if use_top_k else jnp.int32(V)
+  cand_bk = jax.lax.top_k(x_bv, K)[0]  # descending
+  t_b1 = jnp.where(k <= K, jnp.take_along_axis(cand_bk, jnp.broadcast_to(jnp.minimum(k, K) - 1, (x_bv.shape[0], 1)),
+                                               axis=-1), -jnp.inf)
+  valid = (k <= K) | (k >= V)
   if use_top_p:
-    in_k_bv = idx_v < keep_n_b[:, None]
-    probs_bv = jax.nn.softmax(jnp.where(in_k_bv, sorted_bv, -jnp.inf), axis=-1)
-    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv  # probability of the larger tokens
-    n_p_b = jnp.sum(in_k_bv & (mass_before_bv < top_p), axis=-1)
-    keep_n_b = jnp.where(top_p >= 1.0, keep_n_b, jnp.maximum(n_p_b, 1))
-  threshold_b1 = jnp.take_along_axis(sorted_bv, keep_n_b[:, None] - 1, axis=-1)
-  return jnp.where(x_bv >= threshold_b1, x_bv, -jnp.inf)
+    log_z_b1 = jax.nn.logsumexp(jnp.where(x_bv >= t_b1, x_bv, -jnp.inf), axis=-1, keepdims=True)
+    p_bk = jnp.where(cand_bk >= t_b1, jnp.exp(cand_bk - log_z_b1), 0.0)
+    before_bk = jnp.cumsum(p_bk, axis=-1) - p_bk  # mass of the larger candidates
+    n_b1 = jnp.maximum(jnp.sum(before_bk < top_p, axis=-1, keepdims=True), 1)
+    t_p_b1 = jnp.where(top_p >= 1.0, -jnp.inf, jnp.take_along_axis(cand_bk, n_b1 - 1, axis=-1))
+    t_b1 = jnp.maximum(t_b1, t_p_b1)
+    valid = valid & ((top_p >= 1.0) | jnp.all(jnp.sum(p_bk, axis=-1) >= top_p))
+  return jax.lax.cond(valid, lambda x: jnp.where(x >= t_b1, x, -jnp.inf),
+                      lambda x: _exact_filter(x, k, top_p, use_top_k, use_top_p), x_bv)
+
+
+def draw(keys_b: jax.Array, logits_bv: jax.Array) -> jax.Array:
+  """One token per row from softmax(logits) by inverse CDF: one uniform per row, first index with cdf > u.
+
+  Exact up to float32 rounding of the cumulative sum; a -inf logit (probability 0) is never drawn. Cheaper than
+  the Gumbel-max trick of `jax.random.categorical` (one random number per row instead of one per token).
+  """
+  p_bv = jax.nn.softmax(logits_bv, axis=-1)
+  cdf_bv = jnp.cumsum(p_bv, axis=-1)
+  u_b1 = jax.vmap(jax.random.uniform)(keys_b)[:, None] * cdf_bv[:, -1:]
+  hit_bv = (cdf_bv > u_b1) & (p_bv > 0)
+  return jnp.where(jnp.any(hit_bv, axis=-1), jnp.argmax(hit_bv, axis=-1),
+                   jnp.argmax(logits_bv, axis=-1)).astype(jnp.int32)
 
 
 def choose_tokens(keys_b, logits_bv, temperature, top_k, top_p, *, greedy: bool, use_top_k: bool, use_top_p: bool):
@@ -94,7 +158,7 @@ def choose_tokens(keys_b, logits_bv, temperature, top_k, top_p, *, greedy: bool,
     lp_b = jnp.zeros(tok_b.shape, jnp.float32)
   else:
     proc_bv = process_logits(logits_bv, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)
-    tok_b = jax.vmap(jax.random.categorical)(keys_b, proc_bv).astype(jnp.int32)
+    tok_b = draw(keys_b, proc_bv)
     lp_b = jnp.take_along_axis(jax.nn.log_softmax(proc_bv, axis=-1), tok_b[:, None], axis=-1)[:, 0]
   mlp_b = jnp.take_along_axis(model_lp_bv, tok_b[:, None], axis=-1)[:, 0]
   return tok_b, lp_b, mlp_b
@@ -141,7 +205,7 @@ def _generate(params, tokens_bp, lens_b, limits_b, keys_b, temperature, top_k, t
     state = (jnp.int32(1), cache, tok_b, lens_b, stopped(tok_b, n_b), n_b, keys_b, out)
 
     def cond(state):
-      step, *_, done_b, _, _, _ = state
+      step, done_b = state[0], state[4]
       return (step < n_out) & ~jnp.all(done_b)
 
     def body(state):  # feed each live row's last token at its own position, draw the next one
@@ -164,6 +228,12 @@ def _generate(params, tokens_bp, lens_b, limits_b, keys_b, temperature, top_k, t
 
     state = jax.lax.while_loop(cond, body, state)
     return state[5], state[7]
+
+
+@jax.jit
+def _row_keys(seeds_b: jax.Array, index_b: jax.Array) -> jax.Array:
+  """Row r's key: fold_in(key(seeds_b[r]), index_b[r])."""
+  return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_b, index_b)
 
 
 class Sampler:
@@ -191,13 +261,13 @@ class Sampler:
     abstract_model = llama.abstract(cfg)
     self.graphdef = llama.split(abstract_model)[0]  # static: rebuilt so that it carries the sampling config
     dt = jnp.dtype(cfg.dtype)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dt) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
-                          else jnp.asarray(a), params)
+    cast = lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dt else a
+    params = jax.tree.map(lambda a: cast(a if isinstance(a, jax.Array) else np.asarray(a)), params)  # host stays host
     self.mesh = mesh
     if mesh is not None:
       shardings = sharding.tree_shardings(llama.logical_axes(abstract_model), mesh, sharding.SAMPLE_RULES, params)
       params = jax.device_put(params, shardings)
-    self.params = params
+    self.params = jax.tree.map(jnp.asarray, params)
     self.tokenizer = tokenizer
     self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else 2)
     self.bos_id = tokenizer.bos_id if tokenizer is not None else 1
@@ -251,12 +321,14 @@ class Sampler:
       tokens[i, :len(p)] = p
     lens_b = np.concatenate([lens, np.ones(Bb - B, np.int32)])   # padding rows: one token, stop at once
     limits_b = np.concatenate([limits, np.ones(Bb - B, np.int32)])
-    seeds = [seed] * B if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
-    if len(seeds) != B:
-      raise ValueError(f"seed: expected an int or one seed per prompt ({B}), found {len(seeds)} seeds")
-    row = range(B) if isinstance(seed, (int, np.integer)) else [0] * B
-    keys = [jax.random.fold_in(jax.random.key(s), r) for s, r in zip(seeds, row)]
-    keys_b = jnp.stack(keys + [jax.random.key(0)] * (Bb - B))
+    if isinstance(seed, (int, np.integer)):
+      seeds_b, index_b = np.full(Bb, seed, np.int64), np.arange(Bb)
+    else:
+      seeds = [int(s) for s in seed]
+      if len(seeds) != B:
+        raise ValueError(f"seed: expected an int or one seed per prompt ({B}), found {len(seeds)} seeds")
+      seeds_b, index_b = np.array(seeds + [0] * (Bb - B), np.int64), np.zeros(Bb, np.int64)
+    keys_b = _row_keys((seeds_b & 0xFFFFFFFF).astype(np.uint32), index_b.astype(np.uint32))
     stops = sorted(set(int(s) for s in stop_ids) | ({self.eos_id} if stop_on_eos else set())) or [-1]
     greedy = temperature == 0
     mode = (greedy, (not greedy) and top_k > 0, (not greedy) and top_p < 1.0)
@@ -297,17 +369,21 @@ class Sampler:
 
 
 def load_sampler(ckpt: str, dtype: str | None = None, mesh=None) -> Sampler:
-  """A Sampler for an l2jax checkpoint directory (model + its tokenizer.model)."""
+  """A Sampler for an l2jax checkpoint directory (params + config.json + tokenizer.model).
+
+  Parameters are read to host memory and cast there to the sampling dtype, then placed (on the mesh if given),
+  so a float32 copy never lands on the accelerator.
+  """
   from pathlib import Path
 
-  import l2jax
   from l2jax import checkpoint
   from l2jax.data.tokenizer import Tokenizer
-  model = l2jax.load(ckpt)
+  cfg, params = checkpoint.load_model_dir(ckpt)
   tok_path = Path(ckpt) / checkpoint.TOKENIZER
   if not tok_path.is_file():
     raise FileNotFoundError(f"{tok_path}: the checkpoint directory has no tokenizer.model")
-  return Sampler(model, Tokenizer(tok_path), dtype=dtype, mesh=mesh)
+  graphdef = llama.split(llama.abstract(cfg))[0]
+  return Sampler((graphdef, params, cfg), Tokenizer(tok_path), dtype=dtype, mesh=mesh)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -154,11 +154,12 @@ def test_sampling_frequencies(temperature, top_k, top_p):
 
 
 def test_process_logits_kept_set():
-  x = jnp.asarray(LOGITS_V)[None]
-  kept = np.isfinite(np.asarray(process_logits(x, 1.0, 3, 1.0, use_top_k=True, use_top_p=False)))[0]
-  assert sorted(np.flatnonzero(kept)) == [0, 1, 10]
-  kept = np.isfinite(np.asarray(process_logits(x, 1.0, 0, 1e-6, use_top_k=False, use_top_p=True)))[0]
-  assert list(np.flatnonzero(kept)) == [10]  # a tiny nucleus still keeps the most likely token
+  x = jnp.asarray(np.stack([LOGITS_V, LOGITS_V, np.r_[LOGITS_V[:-1], 1.5]]))  # row 2: a tie at the 3rd place
+  kept = lambda k, p: np.isfinite(np.asarray(jax.jit(
+      lambda x: process_logits(x, 1.0, k, p, use_top_k=True, use_top_p=True))(x)))
+  assert [sorted(np.flatnonzero(r)) for r in kept(3, 1.0)] == [[0, 1, 10]] * 2 + [[0, 1, 10, 11]]  # ties kept
+  assert [list(np.flatnonzero(r)) for r in kept(0, 1e-6)] == [[10]] * 3  # a tiny nucleus keeps the argmax
+  assert kept(0, 1.0).all() and kept(len(LOGITS_V) + 5, 1.0).all()
 
 
 # ---- stop rules, per row ----

@@ -122,10 +122,14 @@ def make_eval_hook(loss_fn, setup: Setup, batches_fn, n_batches: int, every: int
   return train.Hook(every, hook)
 
 
-def identity(cfg) -> dict:
-  """What makes a run directory's checkpoints belong to this experiment."""
-  return {"stage": type(cfg).stage, "name": cfg.name, "model": ckpt_lib.LlamaConfig.to_dict(cfg.model)
-          if not getattr(cfg, "init", "") else {"init": cfg.init}}
+ARCHITECTURE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta")
+
+
+def identity(cfg, model_cfg) -> dict:
+  """What makes a run directory's checkpoints belong to this experiment: stage, name, init and the model's
+  architecture (numerics such as dtype or remat may change between a run and its resumption)."""
+  return {"stage": type(cfg).stage, "name": cfg.name, "init": getattr(cfg, "init", ""),
+          "model": {k: getattr(model_cfg, k) for k in ARCHITECTURE}}
 
 
 def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, *, extra_identity=None,
@@ -145,7 +149,7 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
   step_fn = train.make_train_step(loss_fn, optimizer, micro, schedule)
   abstract_state = jax.eval_shape(lambda p: train.init_state(p, optimizer, cfg.seed), setup.abstract_params)
   ck = ckpt_lib.TrainCheckpointer(run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save,
-                               identity={**identity(cfg), **(extra_identity or {})})
+                               identity={**identity(cfg, setup.model_cfg), **(extra_identity or {})})
   latest = ck.latest_step()
   st_sh = train.state_shardings(abstract_state, setup.param_axes, mesh)
   if latest is not None:
