@@ -133,9 +133,14 @@ def reference_probs(logits, temperature, top_k, top_p):
   return p
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 5, 1.0), (1.0, 0, 0.8), (1.3, 6, 0.7), (1.0, 0, 1.0)])
-def test_sampling_frequencies(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,candidates", [
+    (0.7, 5, 1.0, 64), (1.0, 0, 0.8, 64), (1.3, 6, 0.7, 64), (1.0, 0, 1.0, 64),
+    (0.7, 5, 1.0, 2), (1.3, 6, 0.7, 2)])  # candidates=2 forces the exact full-vocabulary path
+def test_sampling_frequencies(temperature, top_k, top_p, candidates, monkeypatch):
   from scipy import stats
+
+  import l2jax.sample
+  monkeypatch.setattr(l2jax.sample, "CANDIDATES", candidates)
   n = 40_000
   want = reference_probs(LOGITS_V, temperature, top_k, top_p)
   keys = jax.random.split(jax.random.key(1234), n)
@@ -160,6 +165,20 @@ def test_process_logits_kept_set():
   assert [sorted(np.flatnonzero(r)) for r in kept(3, 1.0)] == [[0, 1, 10]] * 2 + [[0, 1, 10, 11]]  # ties kept
   assert [list(np.flatnonzero(r)) for r in kept(0, 1e-6)] == [[10]] * 3  # a tiny nucleus keeps the argmax
   assert kept(0, 1.0).all() and kept(len(LOGITS_V) + 5, 1.0).all()
+
+
+@pytest.mark.parametrize("scale,top_k,top_p", [(4.0, 0, 0.9), (0.3, 0, 0.9), (1.0, 10, 1.0), (1.0, 100, 1.0),
+                                                (4.0, 100, 0.5), (0.3, 80, 0.8), (1.0, 0, 1.0)])
+def test_kept_set_matches_reference_fast_and_exact_paths(scale, top_k, top_p):
+  from l2jax.sample import CANDIDATES
+  logits = np.random.default_rng(7).standard_normal((3, 300)).astype(np.float32) * scale
+  got = np.isfinite(np.asarray(jax.jit(lambda x: process_logits(
+      x, 0.9, top_k, top_p, use_top_k=top_k > 0, use_top_p=top_p < 1))(logits)))
+  want = np.stack([reference_probs(r, 0.9, top_k, top_p) > 0 for r in logits])
+  np.testing.assert_array_equal(got, want)
+  sizes = want.sum(-1)
+  fallback = top_k > CANDIDATES or (top_p < 1 and sizes.max() > CANDIDATES)
+  assert fallback == ((scale, top_k) in [(0.3, 0), (1.0, 100), (4.0, 100), (0.3, 80)]), sizes  # both paths run
 
 
 # ---- stop rules, per row ----
