@@ -45,10 +45,90 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 
 def save_params(path: str | Path, params: Any) -> None:
-  """Write a parameter pytree (jax or numpy arrays) as an Orbax checkpoint at `path` (must not exist)."""
+  """Write a parameter pytree (jax or numpy arrays) as an Orbax checkpoint at `path` (must not exist).
+
+  A leaf may also be a zero-argument callable returning the array (a lazy leaf). A tree of nested dicts
+  with lazy leaves is written streaming: each leaf is produced, written and dropped before the next is
+  produced (Orbax partial saves, merged at the end), so writing needs memory for about the largest leaf,
+  not the whole tree. The result reads back exactly like a plain save; on failure nothing is left at `path`.
+  """
   import orbax.checkpoint as ocp
-  ckptr = ocp.PyTreeCheckpointer()
-  ckptr.save(Path(path).absolute(), params)
+  path = Path(path).absolute()
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  if any(callable(v) for _, v in leaves):
+    streamable = all(isinstance(k, jax.tree_util.DictKey) for kp, _ in leaves for k in kp)
+    if streamable and jax.process_count() == 1 and _partial_save_api() is not None:
+      _save_params_streaming(path, leaves)
+      return
+    params = jax.tree.map(lambda v: v() if callable(v) else v, params)  # fallback: all leaves at once
+  ocp.PyTreeCheckpointer().save(path, params)
+
+
+def _partial_save_api():
+  """Orbax's partial-save module (orbax.checkpoint.experimental.v1.partial), or None if this Orbax lacks it."""
+  try:
+    from orbax.checkpoint.experimental.v1 import partial
+  except ImportError:
+    return None
+  return partial if hasattr(partial, "save") and hasattr(partial, "finalize") else None
+
+
+def _save_params_streaming(path: Path, leaves: list) -> None:
+  """Write [(dict key path, array or lazy leaf)] one leaf at a time as the PyTree checkpoint `path`.
+
+  Each leaf goes out in its own Orbax partial save into a staging directory beside `path`; `finalize` merges
+  them (metadata and OCDBT manifests) into one checkpoint, whose PyTree directory is renamed to `path`.
+  The arrays are stored as `PyTreeCheckpointer` stores them (OCDBT, zarr v2, zstd), so restoring is unchanged.
+  """
+  import ctypes
+  import json
+  import time
+  import uuid
+
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint.experimental.v1 import Context
+  partial = _partial_save_api()
+  if path.exists():
+    raise FileExistsError(f"{path}: already exists")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # No leading dot: Orbax does not find the partial saves of a hidden directory when it finalizes.
+  stage = path.parent / f"{path.name}.tmp-stream-{uuid.uuid4().hex[:8]}"
+  try:
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    trim = None
+  init_ns = time.time_ns()
+  ctx = Context()
+  ctx.array.saving.use_zarr3 = False  # PyTreeCheckpointer's array format (zarr v2 + zstd in OCDBT)
+  try:
+    with ctx:
+      for keypath, leaf in leaves:
+        value = leaf() if callable(leaf) else leaf
+        item: Any = value
+        for k in reversed(keypath):
+          item = {k.key: item}
+        partial.save(stage, item)
+        del value, item
+        if trim is not None:
+          trim(0)  # hand the freed write buffers back to the OS before producing the next leaf
+      partial.finalize(stage)
+    trees = [d for d in stage.iterdir() if (d / "_METADATA").is_file()]
+    if len(trees) != 1:
+      raise RuntimeError(f"{stage}: expected one PyTree directory after Orbax's partial-save finalize, "
+                         f"found {[d.name for d in trees]}")
+    os.replace(trees[0], path)
+    # What PyTreeCheckpointer writes beside the arrays (its step metadata and commit marker).
+    handler = ocp.PyTreeCheckpointHandler
+    (path / "_CHECKPOINT_METADATA").write_text(json.dumps({
+        "item_handlers": f"{handler.__module__}.{handler.__qualname__}", "metrics": {}, "performance_metrics": {},
+        "init_timestamp_nsecs": init_ns, "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}))
+    (path / "commit_success.txt").write_text(f"Checkpoint commit was successful to {path}")
+  except BaseException:
+    shutil.rmtree(path, ignore_errors=True)
+    raise
+  finally:
+    for d in path.parent.glob(f"{stage.name}*"):  # the staging directory and Orbax's .partial_save siblings
+      shutil.rmtree(d, ignore_errors=True)
 
 
 def restore_params(path: str | Path, target: Any | None = None) -> Any:

@@ -301,3 +301,91 @@ def test_bench_converter_rss_smoke(tmp_path):
   r = H.tool("bench_forward").bench_convert_rss("test", "bfloat16", "4KB", str(tmp_path))
   assert r["shards"] > 1 and r["peak_rss_bytes"] > r["checkpoint_bytes"] > 0
   assert (tmp_path / "l2jax" / "params").is_dir()
+
+
+# ---- the streaming parameter writer the converters use ----
+
+def _read_back(path: Path) -> tuple[dict, dict, dict]:
+  """(restored arrays by key, Orbax tree metadata by key as (shape, dtype, chunk shape), _METADATA json)."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  from l2jax import checkpoint
+  arrays = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(checkpoint.restore_params(path))}
+  meta = ocp.PyTreeCheckpointer().metadata(path).item_metadata
+  meta = meta.tree if hasattr(meta, "tree") else meta
+  info = {jax.tree_util.keystr(k): (tuple(m.shape), str(m.dtype), tuple(m.storage.chunk_shape))
+          for k, m in jax.tree_util.tree_leaves_with_path(meta, is_leaf=lambda m: hasattr(m, "shape"))}
+  return arrays, info, json.loads((path / "_METADATA").read_text())
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+  arrays_a, info_a, meta_a = _read_back(a)
+  arrays_b, info_b, meta_b = _read_back(b)
+  assert set(arrays_a) == set(arrays_b)
+  for k in arrays_a:
+    assert arrays_a[k].dtype == arrays_b[k].dtype and arrays_a[k].shape == arrays_b[k].shape, k
+    assert arrays_a[k].tobytes() == arrays_b[k].tobytes(), f"{k} differs"
+  assert info_a == info_b
+  assert meta_a == meta_b  # tree metadata (value types, write shapes), OCDBT, zarr version
+  handlers = [json.loads((p / "_CHECKPOINT_METADATA").read_text())["item_handlers"] for p in (a, b)]
+  assert handlers[0] == handlers[1]
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_streaming_write_matches_plain_save(saved, tmp_path, monkeypatch, dtype):
+  # The converters hand save_params lazily built parameters, written one at a time with Orbax partial
+  # saves; the result must read back exactly like PyTreeCheckpointer's save of the whole tree.
+  import jax
+
+  from l2jax import checkpoint
+  seen = {}
+  real = checkpoint.save_params
+
+  def spy(path, params):
+    seen["params"] = params
+    return real(path, params)
+  monkeypatch.setattr(checkpoint, "save_params", spy)
+  hf.hf_to_l2jax(saved, tmp_path / "l2", dtype=dtype)
+  lazy = seen["params"]
+  assert all(callable(v) for v in jax.tree.leaves(lazy))
+  assert not list((tmp_path / "l2").glob("params.tmp-stream-*")) and not list(tmp_path.glob("*.tmp-*"))
+  real(tmp_path / "plain", jax.tree.map(lambda f: f(), lazy))  # the whole tree at once
+  _assert_same_checkpoint(tmp_path / "l2" / "params", tmp_path / "plain")
+  # Restoring onto shardings (how training restores) reads the streamed checkpoint too.
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  arrays = _read_back(tmp_path / "plain")[0]
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
+                          checkpoint.restore_params(tmp_path / "plain"))
+  got = checkpoint.restore_params(tmp_path / "l2" / "params", abstract)
+  for k, v in jax.tree_util.tree_leaves_with_path(got):
+    assert isinstance(v, jax.Array) and np.asarray(v).tobytes() == arrays[jax.tree_util.keystr(k)].tobytes()
+  checkpoint.load_model_dir(tmp_path / "l2")
+
+
+def test_streaming_write_without_partial_save_falls_back(tmp_path, monkeypatch):
+  # An Orbax without the partial-save API: lazy leaves are all built and saved at once, same checkpoint.
+  from l2jax import checkpoint
+  rng = np.random.default_rng(0)
+  params = {"embed": rng.standard_normal((6, 4)).astype(np.float32),
+            "layers": {"w1": rng.standard_normal((2, 4, 3)).astype(np.float16), "wo": np.ones((2, 3), np.float32)}}
+  checkpoint.save_params(tmp_path / "plain", params)
+  lazy = {"embed": lambda: params["embed"],
+          "layers": {"w1": lambda: params["layers"]["w1"], "wo": params["layers"]["wo"]}}  # a mix of both
+  checkpoint.save_params(tmp_path / "streamed", lazy)
+  _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "plain")
+  monkeypatch.setattr(checkpoint, "_partial_save_api", lambda: None)
+  checkpoint.save_params(tmp_path / "fallback", lazy)
+  _assert_same_checkpoint(tmp_path / "fallback", tmp_path / "plain")
+
+
+def test_streaming_write_failure_leaves_nothing(tmp_path):
+  from l2jax import checkpoint
+
+  def unreadable():
+    raise OSError("read error")
+  # "a" is written before "b" fails.
+  params = {"a": lambda: np.ones((3, 2), np.float32), "b": {"c": unreadable}}
+  with pytest.raises(OSError, match="read error"):
+    checkpoint.save_params(tmp_path / "params", params)
+  assert list(tmp_path.iterdir()) == []

@@ -6,11 +6,12 @@ One module per foreign format, each an explicit key map with shape checks:
   llama2c.py  llama2.c legacy (version 0) `.bin` + SentencePiece model -> l2jax
 
 This module holds what they share: the torch-Linear ("Meta") layout of every parameter and its map to
-the l2jax layout, a builder that fills preallocated [L, ...] arrays one tensor at a time (so converting
-needs about one copy of the model in memory), dtype names, and the error type.
+the l2jax layout, a plan that builds each [L, ...] parameter one tensor at a time when it is written (so
+converting holds about one stacked parameter, not the model), dtype names, and the error type.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Callable
@@ -102,54 +103,73 @@ def l2jax_to_meta(name: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
   return w
 
 
-# ---- Filling the l2jax tree tensor by tensor. ----
+# ---- The l2jax tree, planned from shapes and built one parameter at a time. ----
 
-class ParamBuilder:
-  """Preallocated l2jax parameter arrays, filled one (name, layer) slot at a time with shape checks."""
+class ParamPlan:
+  """Where each l2jax parameter slot (name, layer) comes from, checked from shapes alone (no tensor data).
 
-  def __init__(self, cfg: LlamaConfig, dtype):
+  A converter registers a loader per slot (`add_meta`) while it validates the source's headers;
+  `finish` then returns the parameter dict (as `llama.split` returns it) with lazy leaves: each is a
+  zero-argument callable that builds one whole parameter, e.g. the stacked [L, D, F] `w1`, by loading its
+  slots one tensor at a time. `l2jax.checkpoint.save_params` calls them one after another and writes each
+  before building the next, so converting holds about one stacked parameter, not the model.
+  """
+
+  def __init__(self, cfg: LlamaConfig, dtype, release: Callable[[], None] | None = None):
     self.cfg = cfg
     self.dtype = np.dtype(dtype)
     self.shapes = l2jax_shapes(cfg)
-    L = cfg.n_layers
-    # np.empty reserves address space only; pages are touched as slots are filled.
-    self.top = {n: np.empty(self.shapes[n], self.dtype) for n in TOP_NAMES}
-    self.layers = {n: np.empty((L, *self.shapes[n]), self.dtype) for n in BLOCK_NAMES}
-    self.filled: dict[tuple[str, int | None], str] = {}
+    self.release = release  # called after each parameter is built (e.g. to close memory-mapped sources)
+    self.slots: dict[tuple[str, int | None], tuple[Callable[[], np.ndarray], str]] = {}  # -> (loader, where)
 
-  def put_meta(self, name: str, layer: int | None, w: np.ndarray, where: str) -> None:
-    """Check `w` against the Meta-layout shape of `name`, then store it in l2jax layout at `layer`."""
-    want = meta_shapes(self.cfg)[name]
-    if tuple(w.shape) != want:
-      raise ConversionError(f"{where}: expected shape {want}, found {tuple(w.shape)}")
-    self.put(name, layer, meta_to_l2jax(name, w, self.cfg), where)
-
-  def put(self, name: str, layer: int | None, w: np.ndarray, where: str) -> None:
-    """Store an l2jax-layout array (cast to the builder's dtype) at slot (name, layer)."""
+  def _check_slot(self, name: str, layer: int | None, where: str) -> None:
     if (name in BLOCK_NAMES) != (layer is not None):
       raise ConversionError(f"{where}: parameter {name!r} given layer {layer!r}")
     if layer is not None and not 0 <= layer < self.cfg.n_layers:
       raise ConversionError(f"{where}: layer {layer} out of range; the config has n_layers={self.cfg.n_layers}")
-    if (name, layer) in self.filled:
-      raise ConversionError(f"{where}: duplicate tensor; {name}[{layer}] already set from {self.filled[(name, layer)]}")
-    if tuple(w.shape) != self.shapes[name]:
-      raise ConversionError(f"{where}: expected l2jax shape {self.shapes[name]}, found {tuple(w.shape)}")
-    dst = self.layers[name][layer] if layer is not None else self.top[name]
-    np.copyto(dst, w, casting="unsafe")
-    self.filled[(name, layer)] = where
+    if (name, layer) in self.slots:
+      first = self.slots[(name, layer)][1]
+      raise ConversionError(f"{where}: duplicate tensor; {name}[{layer}] already set from {first}")
+
+  def add_meta(self, name: str, layer: int | None, shape: tuple[int, ...], load: Callable[[], np.ndarray],
+               where: str) -> None:
+    """Register slot (name, layer): `load()` returns a tensor of `shape` in Meta / torch-Linear layout."""
+    want = meta_shapes(self.cfg)[name]
+    if tuple(shape) != want:
+      raise ConversionError(f"{where}: expected shape {want}, found {tuple(shape)}")
+    self._check_slot(name, layer, where)
+    self.slots[(name, layer)] = (load, where)
 
   def missing(self) -> list[tuple[str, int | None]]:
     slots = [(n, None) for n in TOP_NAMES] + [(n, i) for i in range(self.cfg.n_layers) for n in BLOCK_NAMES]
-    return [s for s in slots if s not in self.filled]
+    return [s for s in slots if s not in self.slots]
+
+  def build(self, name: str) -> np.ndarray:
+    """Parameter `name` in l2jax layout and the plan's dtype ([L, ...] for blocks), loaded slot by slot."""
+    top = name not in BLOCK_NAMES
+    out = np.empty(self.shapes[name] if top else (self.cfg.n_layers, *self.shapes[name]), self.dtype)
+    try:
+      for layer in [None] if top else range(self.cfg.n_layers):
+        load, where = self.slots[(name, layer)]
+        w = load()
+        if tuple(w.shape) != meta_shapes(self.cfg)[name]:
+          raise ConversionError(f"{where}: expected shape {meta_shapes(self.cfg)[name]}, read {tuple(w.shape)}")
+        np.copyto(out if top else out[layer], meta_to_l2jax(name, w, self.cfg), casting="unsafe")
+        del w
+    finally:
+      if self.release is not None:
+        self.release()
+    return out
 
   def finish(self, where: str, describe: Callable[[str, int | None], str] | None = None) -> dict:
-    """The filled parameter dict (as `llama.split` returns it); ConversionError naming missing keys."""
+    """The parameter dict with lazy leaves (see the class doc); ConversionError naming missing keys."""
     missing = self.missing()
     if missing:
       names = [describe(n, i) if describe else f"{n}[{i}]" for n, i in missing]
       more = f" (and {len(names) - 10} more)" if len(names) > 10 else ""
       raise ConversionError(f"{where}: missing tensors {names[:10]}{more}")
-    return {**self.top, "layers": dict(self.layers)}
+    lazy = {n: functools.partial(self.build, n) for n in (*TOP_NAMES, *BLOCK_NAMES)}
+    return {**{n: lazy[n] for n in TOP_NAMES}, "layers": {n: lazy[n] for n in BLOCK_NAMES}}
 
 
 # ---- Output directory and tokenizer. ----
@@ -194,13 +214,19 @@ def check_tokenizer_vocab(tokenizer: Path | None, cfg: LlamaConfig) -> None:
 def save(out_dir: str | Path, cfg: LlamaConfig, params: dict, tokenizer: Path | None) -> Path:
   """Write the l2jax model directory atomically (no partial directory on failure).
 
-  The numpy arrays go to Orbax as CPU jax.Arrays (device_put aliases them, no copy): Orbax writes those
-  two to three times faster than numpy arrays. Either way Orbax holds a host snapshot of the whole tree
-  plus its compressed chunks until the write commits (measured: about 1.8x the model on top of it).
+  `params` may hold arrays or lazy leaves (`ParamPlan.finish`). Lazy leaves are built, written and dropped
+  one parameter at a time (`checkpoint.save_params` streams them), so the whole conversion holds about one
+  stacked parameter plus Orbax's write buffers for it. Arrays go to Orbax as CPU jax.Arrays (device_put
+  aliases them, no copy): Orbax writes those two to three times faster than numpy arrays.
   """
   import jax
 
   from l2jax import checkpoint
   cpu = jax.devices("cpu")[0]
-  params = jax.tree.map(lambda a: jax.device_put(a, cpu), params)
+
+  def on_cpu(v):
+    if callable(v):
+      return lambda: jax.device_put(v(), cpu)
+    return jax.device_put(v, cpu)
+  params = jax.tree.map(on_cpu, params)
   return checkpoint.save_model_dir(out_dir, cfg, params, tokenizer)

@@ -9,6 +9,7 @@ header and raw little-endian arrays), one tensor at a time, so bfloat16 needs no
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from l2jax.convert import (BLOCK_NAMES, NP_DTYPES, ConversionError, ParamBuilder, check_dtype, check_out_dir,
+from l2jax.convert import (BLOCK_NAMES, NP_DTYPES, ConversionError, ParamPlan, check_dtype, check_out_dir,
                            check_tokenizer_vocab, dtype_name, find_tokenizer, l2jax_to_meta, meta_shapes, save)
 from l2jax.model.config import LlamaConfig
 
@@ -100,6 +101,8 @@ class SafetensorsFile:
       if end > data_bytes:
         raise ConversionError(f"{self.path}: tensor {key!r} ends at byte {end} of the data section but the file "
                               f"has only {data_bytes}: file truncated")
+      if e["dtype"] in ST_DTYPES:  # other dtypes are reported by `dtype` when the converter asks
+        self._check_size(key)
 
   def keys(self) -> list[str]:
     return list(self.entries)
@@ -113,7 +116,8 @@ class SafetensorsFile:
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.entries[key]["shape"])
 
-  def read(self, key: str) -> np.ndarray:
+  def _check_size(self, key: str) -> int:
+    """The element count of tensor `key`; ConversionError if its byte range does not match shape and dtype."""
     e = self.entries[key]
     dt, shape = self.dtype(key), self.shape(key)
     begin, end = e["data_offsets"]
@@ -121,7 +125,12 @@ class SafetensorsFile:
     if end - begin != count * dt.itemsize:
       raise ConversionError(f"{self.path}: tensor {key!r}: shape {shape} {e['dtype']} needs "
                             f"{count * dt.itemsize} bytes, header gives {end - begin}")
-    return np.fromfile(self.path, dtype=dt, count=count, offset=self.data_start + begin).reshape(shape)
+    return count
+
+  def read(self, key: str) -> np.ndarray:
+    count = self._check_size(key)
+    offset = self.data_start + self.entries[key]["data_offsets"][0]
+    return np.fromfile(self.path, dtype=self.dtype(key), count=count, offset=offset).reshape(self.shape(key))
 
 
 def write_safetensors(path: Path, specs: list[tuple[str, np.dtype, tuple[int, ...]]], produce) -> None:
@@ -253,7 +262,9 @@ def hf_to_l2jax(hf_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Pat
   tok = find_tokenizer(tokenizer, hf_dir / "tokenizer.model")
   check_tokenizer_vocab(tok, cfg)
 
-  b = ParamBuilder(cfg, NP_DTYPES[dtype])
+  # Plan every slot from the headers (keys, shapes, sizes) before any tensor is read; the tensors are read
+  # one at a time later, while each stacked parameter is built and written.
+  plan = ParamPlan(cfg, NP_DTYPES[dtype])
   want = meta_shapes(cfg)
   for s in shards:
     for key in s.keys():
@@ -264,15 +275,20 @@ def hf_to_l2jax(hf_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Pat
       where = f"{s.path}: tensor {key!r}"
       if s.shape(key) != want[name]:
         raise ConversionError(f"{where}: expected shape {want[name]}, found {s.shape(key)}")
-      w = s.read(key)
-      if name in ("wq", "wk"):
-        w = unpermute(w, cfg.n_heads if name == "wq" else cfg.n_kv_heads, cfg.head_dim)
-      b.put_meta(name, layer, w, where)
-      del w
-  if ("lm_head", None) not in b.filled and hf_cfg.get("tie_word_embeddings") and ("embed", None) in b.filled:
-    b.put("lm_head", None, b.top["embed"].T, f"{hf_dir}: lm_head tied to model.embed_tokens.weight")
-  params = b.finish(str(hf_dir), describe=hf_key)
+      n_heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}.get(name)
+      plan.add_meta(name, layer, s.shape(key), functools.partial(_read_meta, s, key, n_heads, cfg.head_dim), where)
+  tied = hf_cfg.get("tie_word_embeddings") and ("embed", None) in plan.slots
+  if ("lm_head", None) not in plan.slots and tied:  # read the embedding again when lm_head is built
+    plan.add_meta("lm_head", None, want["lm_head"], plan.slots[("embed", None)][0],
+                  f"{hf_dir}: lm_head tied to model.embed_tokens.weight")
+  params = plan.finish(str(hf_dir), describe=hf_key)
   return save(out_dir, cfg, params, tok)
+
+
+def _read_meta(s: SafetensorsFile, key: str, n_heads: int | None, head_dim: int) -> np.ndarray:
+  """One tensor in Meta layout: read from its file, q/k rows un-permuted (n_heads given) from rotate_half order."""
+  w = s.read(key)
+  return w if n_heads is None else unpermute(w, n_heads, head_dim)
 
 
 # ---- l2jax -> HF ----

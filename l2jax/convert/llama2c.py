@@ -11,11 +11,12 @@ shared classifier, tok_embeddings becomes both `embed` and `lm_head`. run.c fixe
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 
-from l2jax.convert import (NP_DTYPES, ConversionError, ParamBuilder, check_dtype, check_out_dir,
+from l2jax.convert import (NP_DTYPES, ConversionError, ParamPlan, check_dtype, check_out_dir,
                            check_tokenizer_vocab, save)
 from l2jax.model.config import LlamaConfig
 
@@ -61,6 +62,10 @@ NAMES = {"tok_embeddings": "embed", "rms_att": "attn_norm", "wq": "wq", "wk": "w
          "rms_ffn": "ffn_norm", "w1": "w1", "w2": "w2", "w3": "w3", "rms_final": "norm", "wcls": "lm_head"}
 
 
+def _read_f32(path: Path, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+  return np.fromfile(path, "<f4", count=int(np.prod(shape)), offset=offset).reshape(shape)
+
+
 def llama2c_to_l2jax(model_bin: str | Path, tokenizer: str | Path, out_dir: str | Path, *,
                      dtype: str = "float32", compute_dtype: str = "bfloat16") -> Path:
   """Convert a llama2.c legacy .bin (+ SentencePiece tokenizer) into an l2jax model directory."""
@@ -87,7 +92,8 @@ def llama2c_to_l2jax(model_bin: str | Path, tokenizer: str | Path, out_dir: str 
     raise ConversionError(f"{path}: header {h}: {e}") from None
   check_tokenizer_vocab(tok, cfg)
 
-  b = ParamBuilder(cfg, NP_DTYPES[dtype])
+  # Each slot is read from its offset when its stacked parameter is built and written (one at a time).
+  plan = ParamPlan(cfg, NP_DTYPES[dtype])
   offset = HEADER_BYTES
   for arr_name, shape in arrays:
     name = NAMES.get(arr_name)
@@ -96,10 +102,11 @@ def llama2c_to_l2jax(model_bin: str | Path, tokenizer: str | Path, out_dir: str 
     count = int(np.prod(item_shape))
     for i in range(cfg.n_layers if per_layer else 1):
       if name is not None:
-        w = np.fromfile(path, "<f4", count=count, offset=offset).reshape(item_shape)
-        b.put_meta(name, i if per_layer else None, w, f"{path}: {arr_name}" + (f"[{i}]" if per_layer else ""))
+        load = functools.partial(_read_f32, path, offset, item_shape)
+        plan.add_meta(name, i if per_layer else None, item_shape, load,
+                      f"{path}: {arr_name}" + (f"[{i}]" if per_layer else ""))
         if arr_name == "tok_embeddings" and h["vocab_size"] > 0:  # shared classifier
-          b.put_meta("lm_head", None, w, f"{path}: tok_embeddings (shared classifier)")
+          plan.add_meta("lm_head", None, item_shape, load, f"{path}: tok_embeddings (shared classifier)")
       offset += 4 * count
-  params = b.finish(str(path))
+  params = plan.finish(str(path))
   return save(out_dir, cfg, params, tok)

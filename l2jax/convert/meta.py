@@ -11,13 +11,14 @@ weight at a time.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from l2jax.convert import (NP_DTYPES, ConversionError, ParamBuilder, check_dtype, check_out_dir,
+from l2jax.convert import (NP_DTYPES, ConversionError, ParamPlan, check_dtype, check_out_dir,
                            check_tokenizer_vocab, ffn_dim_meta, find_tokenizer, meta_shapes, save)
 from l2jax.model.config import LlamaConfig
 
@@ -106,6 +107,38 @@ def to_numpy(t, where: str) -> np.ndarray:
   return t.contiguous().numpy()
 
 
+class _Shards:
+  """The `consolidated.NN.pth` state dicts, opened memory-mapped on first use and dropped by `close`."""
+
+  def __init__(self, paths: list[Path]):
+    self.paths = paths
+    self.shards: list[dict] | None = None
+
+  def get(self) -> list[dict]:
+    if self.shards is None:
+      import torch
+      shards = []
+      for p in self.paths:
+        try:
+          shards.append(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # noqa: BLE001 - torch raises several types for corrupt or pickled files
+          raise ConversionError(f"{p}: cannot read as a weights-only torch checkpoint "
+                                f"({type(e).__name__}: {e})") from None
+      self.shards = shards
+    return self.shards
+
+  def close(self) -> None:
+    self.shards = None
+
+
+def _merged(sources: _Shards, key: str, split: int | None, where: str) -> np.ndarray:
+  """Tensor `key` merged over the model-parallel shards along `split`, as numpy in Meta layout."""
+  import torch
+  tensors = [sd[key] for sd in sources.get()]
+  merged = tensors[0] if split is None or len(tensors) == 1 else torch.cat(tensors, dim=split)
+  return to_numpy(merged, where)
+
+
 def meta_to_l2jax(meta_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
                   dtype: str | None = None, compute_dtype: str = "bfloat16", max_seq_len: int = 4096) -> Path:
   """Convert a Meta Llama 2 checkpoint directory into an l2jax model directory; returns `out_dir`.
@@ -113,6 +146,7 @@ def meta_to_l2jax(meta_dir: str | Path, out_dir: str | Path, *, tokenizer: str |
   dtype: stored parameter dtype (default: the checkpoint's). max_seq_len: not in params.json; Llama 2 used 4096.
   """
   import torch
+  TORCH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # noqa: N806
   meta_dir = Path(meta_dir)
   check_out_dir(out_dir)
   if not meta_dir.is_dir():
@@ -125,12 +159,8 @@ def meta_to_l2jax(meta_dir: str | Path, out_dir: str | Path, *, tokenizer: str |
   except json.JSONDecodeError as e:
     raise ConversionError(f"{params_path}:{e.lineno}: invalid JSON: {e.msg}") from None
   paths = shard_paths(meta_dir)
-  shards = []
-  for p in paths:
-    try:
-      shards.append(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
-    except Exception as e:  # noqa: BLE001 - torch raises several types for corrupt or pickled files
-      raise ConversionError(f"{p}: cannot read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from None
+  sources = _Shards(paths)
+  shards = sources.get()
   n = len(shards)
   keys = list(shards[0])
   for p, sd in zip(paths[1:], shards[1:]):
@@ -149,8 +179,11 @@ def meta_to_l2jax(meta_dir: str | Path, out_dir: str | Path, *, tokenizer: str |
   tok = find_tokenizer(tokenizer, meta_dir / "tokenizer.model", meta_dir.parent / "tokenizer.model")
   check_tokenizer_vocab(tok, cfg)
 
+  # Plan every slot from the shards' shapes before any tensor data is read; each stacked parameter is then
+  # merged and built layer by layer while it is written, with the shards re-opened (memory-mapped) per
+  # parameter so the pages read for one parameter do not stay mapped for the rest of the conversion.
   want = meta_shapes(cfg)
-  b = ParamBuilder(cfg, NP_DTYPES[dtype])
+  plan = ParamPlan(cfg, NP_DTYPES[dtype], release=sources.close)
   for key in keys:
     parsed = parse_key(key, str(paths[0]))
     if parsed is None:
@@ -166,10 +199,12 @@ def meta_to_l2jax(meta_dir: str | Path, out_dir: str | Path, *, tokenizer: str |
       if tuple(sd[key].shape) != part:
         raise ConversionError(f"{p}: tensor {key!r}: expected shape {part} (full {full} split {n} ways on dim "
                               f"{split}), found {tuple(sd[key].shape)}")
-    tensors = [sd[key] for sd in shards]
-    merged = tensors[0] if split is None or n == 1 else torch.cat(tensors, dim=split)
-    b.put_meta(name, layer, to_numpy(merged, f"{paths[0]}: tensor {key!r}"), f"{meta_dir}: tensor {key!r}")
-    del merged, tensors
-  params = b.finish(str(meta_dir), describe=meta_key)
+      if sd[key].dtype not in TORCH_DTYPES:
+        raise ConversionError(f"{p}: tensor {key!r}: dtype {sd[key].dtype}; expected one of float32, bfloat16, "
+                              "float16")
+    plan.add_meta(name, layer, full, functools.partial(_merged, sources, key, split, f"{paths[0]}: tensor {key!r}"),
+                  f"{meta_dir}: tensor {key!r}")
+  params = plan.finish(str(meta_dir), describe=meta_key)
   del shards
+  sources.close()
   return save(out_dir, cfg, params, tok)

@@ -81,7 +81,11 @@ class Blocks(nnx.Module):
 
 
 def _block(cfg: LlamaConfig, p: Params, x_btd, cos, sin, mask_b1ts, is_causal: bool, kv=None, positions_bt=None):
-  """One pre-norm block: x + Attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)). `kv`: this layer's cache (k, v)."""
+  """One pre-norm block: x + Attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)).
+
+  kv: (k_all, v_all, layer) -- the whole cache, updated in place at [layer, row, position] (a scatter into
+  the loop carry, so decoding never copies a layer's cache), or None without a cache.
+  """
   dt = x_btd.dtype
   h_btd = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
   q = jnp.einsum("btd,dhk->bthk", h_btd, p["wq"].astype(dt))
@@ -90,13 +94,13 @@ def _block(cfg: LlamaConfig, p: Params, x_btd, cos, sin, mask_b1ts, is_causal: b
   q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
   k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
   v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-  if kv is not None:  # write this step's keys/values at their positions, attend over the whole cache
-    k_cache, v_cache = kv  # [B, S, n_kv, head_dim]
+  if kv is not None:  # write this step's keys/values in place at their positions, attend over the whole cache
+    k_all, v_all, layer = kv  # [L, B, S, n_kv, head_dim] each, this block's index
     rows_b1 = jnp.arange(k.shape[0])[:, None]
-    k_cache = k_cache.at[rows_b1, positions_bt].set(k.astype(k_cache.dtype))
-    v_cache = v_cache.at[rows_b1, positions_bt].set(v.astype(v_cache.dtype))
-    kv = (k_cache, v_cache)
-    k, v = k_cache.astype(dt), v_cache.astype(dt)
+    k_all = k_all.at[layer, rows_b1, positions_bt].set(k.astype(k_all.dtype))
+    v_all = v_all.at[layer, rows_b1, positions_bt].set(v.astype(v_all.dtype))
+    kv = (k_all, v_all, layer)
+    k, v = k_all[layer].astype(dt), v_all[layer].astype(dt)
   attn_bthk = jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts, is_causal=is_causal,
                                            implementation=cfg.attention_impl)
   x_btd = x_btd + jnp.einsum("bthk,hkd->btd", attn_bthk, p["wo"].astype(dt))
@@ -168,21 +172,19 @@ class Llama(nnx.Module):
         def body(carry, xs):
           x, k_all, v_all = carry
           p, i = xs
-          x, (k_l, v_l) = block(cfg, p, x, cos, sin, mask_b1ts, is_causal, (k_all[i], v_all[i]), positions_bt)
-          return (x, k_all.at[i].set(k_l), v_all.at[i].set(v_l)), None
+          x, (k_all, v_all, _) = block(cfg, p, x, cos, sin, mask_b1ts, is_causal, (k_all, v_all, i), positions_bt)
+          return (x, k_all, v_all), None
         (x_btd, k_all, v_all), _ = jax.lax.scan(
             body, (x_btd, cache.k, cache.v), (layer_params, jnp.arange(cfg.n_layers)))
         cache = KVCache(k_all, v_all)
     else:
-      ks, vs = [], []
+      kv = None if cache is None else (cache.k, cache.v, 0)
       for i in range(cfg.n_layers):
         p = jax.tree.map(lambda a: a[i], layer_params)
-        kv = None if cache is None else (cache.k[i], cache.v[i])
+        kv = None if kv is None else (kv[0], kv[1], i)
         x_btd, kv = block(cfg, p, x_btd, cos, sin, mask_b1ts, is_causal, kv, positions_bt)
-        if cache is not None:
-          ks.append(kv[0]); vs.append(kv[1])
       if cache is not None:
-        cache = KVCache(jnp.stack(ks), jnp.stack(vs))
+        cache = KVCache(kv[0], kv[1])
     h_btd = rms_norm(x_btd, self.norm[...], cfg.norm_eps)
     return h_btd, cache
 
