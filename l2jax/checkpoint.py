@@ -34,6 +34,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     raise FileExistsError(f"{final}: output directory exists and is not empty; remove it or choose another")
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the final directory gets the usual mode
   try:
     yield tmp
     if final.exists():

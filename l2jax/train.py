@@ -109,7 +109,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mi
     updates, opt = optimizer.update(grads, state["opt"], params)
     new = {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1,
            "rng": state["rng"]}
-    metrics = {"loss": loss_sum / denom, "tokens": weight, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss_sum / denom, "loss_weight": weight, "grad_norm": optax.global_norm(grads)}
     if schedule is not None:
       metrics["lr"] = schedule(state["step"])
     return new, metrics
@@ -194,10 +194,13 @@ def _finite(metrics: dict) -> bool:
 
 def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: int, run_dir: str | Path,
         ckpt: TrainCheckpointer | None, ckpt_every: int, mesh, log_every: int = 10,
-        hooks: tuple[Hook, ...] = (), flops_per_token: float | None = None, tensorboard: bool = True,
+        hooks: tuple[Hook, ...] = (), tokens_per_step: float | None = None,
+        flops_per_token: float | None = None, tensorboard: bool = True,
         progress: bool = True, description: str = "train") -> RunResult:
   """Run `step` from `state["step"]` to `total_steps`.
 
+  tokens_per_step: tokens the model processes per step (rows x seq_len, padding included), for tokens/s and
+  MFU (flops_per_token per token); default: the step's loss weight.
   Saves every `ckpt_every` steps and at the end (state, data-iterator state); on SIGTERM saves and returns
   status "preempted"; on a non-finite loss stops without saving and raises NonFiniteLoss naming the step.
   Metrics of step s are read after step s+1 is dispatched, so the host never stalls the device.
@@ -224,7 +227,7 @@ def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: in
       if ckpt:
         ckpt.wait()
       raise NonFiniteLoss(f"non-finite loss ({m['loss']}) at step {s}; stopping; {last_good()}")
-    tokens_since += m["tokens"]
+    tokens_since += tokens_per_step if tokens_per_step else m["loss_weight"]
     m["batch_crc"] = fp
     last = m
     if s % log_every == 0 or s == total_steps:

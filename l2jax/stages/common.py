@@ -133,12 +133,14 @@ def identity(cfg, model_cfg) -> dict:
 
 
 def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, *, extra_identity=None,
-           save_final=None, hooks=()):
+           save_final=None, hooks=(), tokens_per_step: float | None = None, flops_per_token: float | None = None):
   """Shared by training stages: build or resume the state, run the loop, write run_dir/final when done.
 
   cfg must have: steps, optim, global_batch, micro_batch, seed, ckpt, log_every, tensorboard, seq_len, name.
   save_final(final_dir, params): writes the final model directory (default: an l2jax Llama model directory).
   hooks: more train.Hook objects (e.g. sampling answers at the end).
+  tokens_per_step / flops_per_token: throughput accounting (default: global_batch x seq_len tokens, the LM's
+  training FLOPs per token); a stage whose rows differ (reward pairs: 2 rows each, no LM head) passes its own.
   """
   mesh = setup.mesh
   micro = cfg.global_batch // cfg.micro_batch if cfg.micro_batch else 1
@@ -168,7 +170,8 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
   result = train.run(step, state, train_batches, total_steps=cfg.steps, run_dir=run_dir, ckpt=ck,
                      ckpt_every=cfg.ckpt.every, mesh=mesh, log_every=cfg.log_every,
                      hooks=((eval_hook,) if eval_hook else ()) + tuple(hooks),
-                     flops_per_token=setup.model_cfg.flops_per_token(cfg.seq_len),
+                     tokens_per_step=tokens_per_step or cfg.global_batch * cfg.seq_len,
+                     flops_per_token=flops_per_token or setup.model_cfg.flops_per_token(cfg.seq_len),
                      tensorboard=cfg.tensorboard, description=type(cfg).stage)
   ck.close()
   final = run_dir / "final"
