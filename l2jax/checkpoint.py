@@ -68,12 +68,14 @@ def save_params(path: str | Path, params: Any) -> None:
 
 
 def _partial_save_api():
-  """Orbax's partial-save module (orbax.checkpoint.experimental.v1.partial), or None if this Orbax lacks it."""
+  """Orbax's v1 API (`orbax.checkpoint.experimental.v1`) if it has partial saves, else None (older Orbax)."""
   try:
-    from orbax.checkpoint.experimental.v1 import partial
-  except ImportError:
+    from orbax.checkpoint.experimental import v1
+    ok = callable(v1.partial.save) and callable(v1.partial.finalize) and \
+        hasattr(v1.Context().array.saving, "use_zarr3")
+  except (ImportError, AttributeError):
     return None
-  return partial if hasattr(partial, "save") and hasattr(partial, "finalize") else None
+  return v1 if ok else None
 
 
 def _save_params_streaming(path: Path, leaves: list) -> None:
@@ -89,8 +91,7 @@ def _save_params_streaming(path: Path, leaves: list) -> None:
   import uuid
 
   import orbax.checkpoint as ocp
-  from orbax.checkpoint.experimental.v1 import Context
-  partial = _partial_save_api()
+  v1 = _partial_save_api()
   if path.exists():
     raise FileExistsError(f"{path}: already exists")
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def _save_params_streaming(path: Path, leaves: list) -> None:
   except (OSError, AttributeError):
     trim = None
   init_ns = time.time_ns()
-  ctx = Context()
+  ctx = v1.Context()
   ctx.array.saving.use_zarr3 = False  # PyTreeCheckpointer's array format (zarr v2 + zstd in OCDBT)
   try:
     with ctx:
@@ -110,11 +111,11 @@ def _save_params_streaming(path: Path, leaves: list) -> None:
         item: Any = value
         for k in reversed(keypath):
           item = {k.key: item}
-        partial.save(stage, item)
+        v1.partial.save(stage, item)
         del value, item
         if trim is not None:
           trim(0)  # hand the freed write buffers back to the OS before producing the next leaf
-      partial.finalize(stage)
+      v1.partial.finalize(stage)
     trees = [d for d in stage.iterdir() if (d / "_METADATA").is_file()]
     if len(trees) != 1:
       raise RuntimeError(f"{stage}: expected one PyTree directory after Orbax's partial-save finalize, "

@@ -134,6 +134,9 @@ def write_synthetic_hf(out: Path, cfg, dtype: str, shard_size: str) -> int:
   return total
 
 
+# The child's own high-water RSS. Linux's getrusage ru_maxrss survives exec: a child spawned by a process that
+# once held more (this one, after writing the synthetic checkpoint) reports the parent's peak. /proc's VmHWM
+# belongs to the child's own address space; ru_maxrss is the fallback where there is no /proc.
 _CHILD = r"""
 import json, resource, runpy, sys, time
 sys.argv = [sys.argv[1]] + sys.argv[2:]
@@ -143,13 +146,21 @@ try:
   rc = 0
 except SystemExit as e:
   rc = e.code or 0
-print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+def peak_rss():
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss()}))
 """
 
 
 def bench_convert_rss(preset: str, dtype: str, shard_size: str, workdir: str | None) -> dict:
-  """Peak RSS (getrusage ru_maxrss of the converting process) of tools/hf_to_l2jax.py on a synthetic checkpoint."""
+  """Peak RSS (VmHWM of the converting process) of tools/hf_to_l2jax.py on a synthetic checkpoint."""
   import shutil
 
   from l2jax.model import presets
@@ -172,8 +183,14 @@ def bench_convert_rss(preset: str, dtype: str, shard_size: str, workdir: str | N
     if r.returncode or res.get("rc"):
       raise RuntimeError(f"conversion failed:\n{r.stdout}\n{r.stderr}")
     n_shards = len(list(src.glob("*.safetensors")))
+    # The converter builds and writes one l2jax parameter at a time; the largest bounds its memory.
+    import numpy as np
+
+    from l2jax.convert import BLOCK_NAMES, NP_DTYPES, l2jax_shapes
+    largest = max(int(np.prod(s)) * (cfg.n_layers if n in BLOCK_NAMES else 1)
+                  for n, s in l2jax_shapes(cfg).items()) * NP_DTYPES[dtype].itemsize
     return {"preset": preset, "params": cfg.num_params(), "dtype": dtype, "checkpoint_bytes": nbytes,
-            "shards": n_shards, "write_s": write_s, "convert_s": res["seconds"],
+            "largest_param_bytes": largest, "shards": n_shards, "write_s": write_s, "convert_s": res["seconds"],
             "peak_rss_bytes": res["peak_rss_bytes"], "rss_over_checkpoint": res["peak_rss_bytes"] / nbytes}
   finally:
     if not workdir:
@@ -209,7 +226,8 @@ def run(argv: list[str]) -> dict:
     r = bench_convert_rss(a.rss_preset, a.rss_dtype, a.rss_shard_size, a.workdir)
     print(f"hf_to_l2jax peak RSS: {r['peak_rss_bytes'] / 2**30:.2f} GiB converting a synthetic {r['preset']} "
           f"({r['params'] / 1e9:.2f}B params, {r['dtype']}, {r['checkpoint_bytes'] / 2**30:.2f} GiB in "
-          f"{r['shards']} shards) = {r['rss_over_checkpoint']:.2f}x the checkpoint; took {r['convert_s']:.1f} s")
+          f"{r['shards']} shards) = {r['rss_over_checkpoint']:.2f}x the checkpoint; took {r['convert_s']:.1f} s "
+          f"(largest stacked parameter {r['largest_param_bytes'] / 2**30:.2f} GiB)")
     results["convert_rss"] = r
   if a.json:
     Path(a.json).write_text(json.dumps(results, indent=2))
