@@ -6,7 +6,7 @@ r"""Pretraining (Llama 2 section 2.2).
 The paper's settings for every size: AdamW(b1 0.9, b2 0.95, eps 1e-5), weight decay 0.1, gradient clipping
 1.0, cosine schedule with 2000 warmup steps decaying to 10% of peak; peak lr 3e-4 (7B, 13B) and 1.5e-4
 (34B, 70B); global batch 4M tokens (1024 rows of 4096); context 4096. `tiny` is a small CPU model whose loss
-clearly falls within its 80 steps (about two minutes on 2 cores).
+clearly falls within its 300 steps (about two minutes on 2 cores).
 """
 from l2jax import config as c
 from l2jax.model import presets
@@ -25,8 +25,8 @@ def get_config(arg: str | None = None) -> c.Pretrain:
         data=c.Data(kind="text", paths=("data/pretrain-text/tinyshakespeare.txt",), split="paragraph",
                     tokenizer=TOKENIZER, eval_every_nth=20),
         optim=c.AdamW(lr=3e-3, warmup_steps=10, decay_to=0.1),
-        seq_len=128, global_batch=8, steps=80, log_every=5, eval_every=40, eval_batches=4,
-        mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=40, keep=2))
+        seq_len=128, global_batch=8, steps=300, log_every=10, eval_every=100, eval_batches=4,
+        mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=100, keep=2))
   if size not in SIZES:
     raise ValueError(f"unknown variant {size!r}; choose tiny, {', '.join(SIZES)}")
   preset, lr, mesh = SIZES[size]
