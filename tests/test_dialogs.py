@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from l2jax.data import dialogs as dl
+from l2jax.data import dialog_packing as dp
 from l2jax.data.sources import DataError
 from l2jax.data.tokenizer import Tokenizer
 
@@ -75,7 +76,7 @@ def test_mask_is_exactly_the_answers_and_their_eos(tok, sp):
 
 def test_packed_row_shifts_the_mask_to_targets(tok):
   enc = dl.encode_dialogs([THREE_TURNS, THREE_TURNS[1:3]], tok, seq_len=200)
-  row = dl.build_row(enc, [0, 1], 200)
+  row = dp.build_row(enc, [0, 1], 200)
   ids0, m0 = enc.dialog(0)
   ids1, m1 = enc.dialog(1)
   n0, n1 = len(ids0) - 1, len(ids1) - 1
@@ -153,7 +154,7 @@ def segments(batch):
 def test_two_epochs_show_each_example_exactly_twice_whole_and_isolated(gsm8k_enc):
   enc = gsm8k_enc
   assert len(enc) > 30
-  it, plan = dl.make_sft_iterator(enc, seq_len=256, global_batch=4, seed=3, epochs=2)
+  it, plan = dp.make_sft_iterator(enc, seq_len=256, global_batch=4, seed=3, epochs=2)
   batches = all_batches(it)
   assert len(batches) == plan.num_batches(4) and all(b["tokens"].shape == (4, 256) for b in batches)
   by_tokens = {tuple(enc.dialog(i)[0][:-1]): i for i in range(len(enc))}
@@ -179,35 +180,35 @@ def test_two_epochs_show_each_example_exactly_twice_whole_and_isolated(gsm8k_enc
 
 def test_iterator_resumes_from_json_state_and_shards_by_process(gsm8k_enc):
   kw = dict(seq_len=256, global_batch=4, seed=1, epochs=2)
-  ref = all_batches(dl.make_sft_iterator(gsm8k_enc, **kw)[0])
-  it = dl.make_sft_iterator(gsm8k_enc, **kw)[0]
+  ref = all_batches(dp.make_sft_iterator(gsm8k_enc, **kw)[0])
+  it = dp.make_sft_iterator(gsm8k_enc, **kw)[0]
   for _ in range(5):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
-  it2 = dl.make_sft_iterator(gsm8k_enc, **kw)[0]
+  it2 = dp.make_sft_iterator(gsm8k_enc, **kw)[0]
   it2.set_state(state)
   rest = all_batches(it2)
   assert len(rest) == len(ref) - 5
   for a, b in zip(rest, ref[5:]):
-    for k in dl.KEYS:
+    for k in dp.KEYS:
       np.testing.assert_array_equal(a[k], b[k])
-  p0 = all_batches(dl.make_sft_iterator(gsm8k_enc, process_index=0, process_count=2, **kw)[0])
-  p1 = all_batches(dl.make_sft_iterator(gsm8k_enc, process_index=1, process_count=2, **kw)[0])
+  p0 = all_batches(dp.make_sft_iterator(gsm8k_enc, process_index=0, process_count=2, **kw)[0])
+  p1 = all_batches(dp.make_sft_iterator(gsm8k_enc, process_index=1, process_count=2, **kw)[0])
   for a, b, r in zip(p0, p1, ref):   # each process builds its half; together the same global batch
     assert a["tokens"].shape == (2, 256)
-    for k in dl.KEYS:
+    for k in dp.KEYS:
       np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), r[k])
-  limited = all_batches(dl.make_sft_iterator(gsm8k_enc, num_batches=3, **kw)[0])
+  limited = all_batches(dp.make_sft_iterator(gsm8k_enc, num_batches=3, **kw)[0])
   assert len(limited) == 3
 
 
 def test_epochs_for_steps(gsm8k_enc):
   kw = dict(seq_len=256, global_batch=4, seed=0)
-  e, n = dl.epochs_for_steps(gsm8k_enc, epochs=2, **kw)
-  assert e == 2 and n == dl.pack_plan(gsm8k_enc.slots, 256, seed=0, epochs=2).num_batches(4)
-  assert dl.epochs_for_steps(gsm8k_enc, epochs=2, steps=5, **kw) == (2, 5)
-  e, n = dl.epochs_for_steps(gsm8k_enc, epochs=1, steps=3 * n, **kw)
-  assert n == 3 * dl.epochs_for_steps(gsm8k_enc, epochs=2, **kw)[1] and e >= 5
+  e, n = dp.epochs_for_steps(gsm8k_enc, epochs=2, **kw)
+  assert e == 2 and n == dp.pack_plan(gsm8k_enc.slots, 256, seed=0, epochs=2).num_batches(4)
+  assert dp.epochs_for_steps(gsm8k_enc, epochs=2, steps=5, **kw) == (2, 5)
+  e, n = dp.epochs_for_steps(gsm8k_enc, epochs=1, steps=3 * n, **kw)
+  assert n == 3 * dp.epochs_for_steps(gsm8k_enc, epochs=2, **kw)[1] and e >= 5
 
 
 BAD = [

@@ -79,7 +79,7 @@ def test_answer_loss_falls_from_init_with_eval_and_samples(reference_run, init_d
   # step 1 started from `init`: its loss is the init model's answer-only loss on the first batch
   import jax
   from l2jax import checkpoint
-  from l2jax.data import dialogs as dl
+  from l2jax.data import dialog_packing as dp
   from l2jax.data.tokenizer import Tokenizer
   from l2jax.model import llama
   from l2jax.stages import sft
@@ -88,7 +88,7 @@ def test_answer_loss_falls_from_init_with_eval_and_samples(reference_run, init_d
   tok = Tokenizer(cfg.data.tokenizer)
   prep = sft.prepare(cfg, tok)
   assert prep.steps == stats["steps"] == math.ceil(sum(stats["rows_per_epoch"]) / cfg.global_batch)
-  batch = next(dl.make_sft_iterator(prep.train, seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed,
+  batch = next(dp.make_sft_iterator(prep.train, seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed,
                                     epochs=prep.epochs)[0])
   mcfg, params = checkpoint.load_model_dir(init_dir)
   graphdef = llama.split(llama.abstract(mcfg))[0]

@@ -23,6 +23,7 @@ from l2jax import config as c
 from l2jax import sharding as shd
 from l2jax import train
 from l2jax.data import dialogs as dl
+from l2jax.data import dialog_packing as dp
 from l2jax.stages.common import (Subset, lm_loss_fn, make_eval_hook, model_setup, run_lm, sharding_report,
                                  split_documents)
 
@@ -59,9 +60,9 @@ def prepare(cfg: c.SFT, tokenizer) -> Prepared:
     raise dl.DataError(f"no usable training dialogs in {d.kind} data {list(d.paths) or d.name}: {s['records']} "
                        f"records, {s['skipped_bad']} bad, {s['no_answer']} without an answer, "
                        f"{s['dropped_too_long']} longer than seq_len={cfg.seq_len}")
-  epochs, steps = dl.epochs_for_steps(enc, seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed,
+  epochs, steps = dp.epochs_for_steps(enc, seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed,
                                       epochs=cfg.epochs, steps=cfg.steps)
-  plan = dl.pack_plan(enc.slots, cfg.seq_len, seed=cfg.seed, epochs=epochs)
+  plan = dp.pack_plan(enc.slots, cfg.seq_len, seed=cfg.seed, epochs=epochs)
   rows_used = min(plan.num_rows, steps * cfg.global_batch)
   stats = {"train": enc.stats, "eval": ev.stats if ev is not None else None,
            "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "epochs": cfg.epochs, "epochs_planned": epochs,
@@ -139,7 +140,7 @@ def run(cfg: c.SFT, run_dir: Path, check_sharding: bool = False):
   n_proc = jax.process_count()
 
   def batches(enc, *, shuffle=True, epochs=prep.epochs, num_batches=prep.steps):
-    return dl.make_sft_iterator(enc, seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed,
+    return dp.make_sft_iterator(enc, seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed,
                                 epochs=epochs, shuffle=shuffle, num_batches=num_batches,
                                 process_index=jax.process_index(), process_count=n_proc, pad_id=tok.pad_id)[0]
 
