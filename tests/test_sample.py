@@ -276,8 +276,6 @@ def test_sharded_equals_single_device(model, sampler):
 @pytest.fixture(scope="module")
 def stories_ckpt(tmp_path_factory):
   tool = ROOT / "tools" / "llama2c_to_l2jax.py"
-  if not tool.is_file():
-    pytest.skip(f"{tool} not present yet")
   out = tmp_path_factory.mktemp("s260k") / "ckpt"
   r = subprocess.run([sys.executable, str(tool), str(S260K / "stories260K.bin"), str(S260K / "tok512.model"),
                       str(out)], env=ENV, capture_output=True, text=True, timeout=300)

@@ -114,8 +114,8 @@ class _JsonlDialogs(_SpanSource):
     except _Problem as e:
       raise RecordError(self.where(i), str(e)) from None
 
-  def to_messages(self, obj: dict) -> list[dict]:
-    raise NotImplementedError
+  def to_messages(self, obj: dict) -> list[dict]:  # each reader maps its record format to messages
+    raise NotImplementedError(f"{type(self).__name__} must define to_messages")
 
 
 class MessagesJsonl(_JsonlDialogs):
