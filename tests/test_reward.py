@@ -85,8 +85,9 @@ def test_scalar_setup_backbone_from_checkpoint_and_fresh_head(tmp_path):
   setup = stage.scalar_setup(presets.get("tiny"), str(tmp_path / "sft"), mesh, "unused.model", seed=0)
   assert setup.model_cfg.dim == 32 and str(setup.tokenizer.path).endswith("tokenizer.model")
   params = jax.device_get(setup.init_params())
-  for a, b in zip(jax.tree.leaves(params["backbone"]), jax.tree.leaves(lm_params)):
+  for a, b in zip(jax.tree.leaves(params["backbone"]), jax.tree.leaves(heads.backbone_params(lm_params))):
     np.testing.assert_array_equal(a, b)
+  assert "lm_head" not in params["backbone"]
   assert params["head"]["w"].shape == (32,) and float(params["head"]["b"]) == 0.0
   assert jax.tree.structure(params) == jax.tree.structure(setup.abstract_params)
   random = jax.device_get(stage.scalar_setup(cfg, "", mesh, str(TOK512), seed=0).init_params())

@@ -44,12 +44,22 @@ class ScalarHead(nnx.Module):
 
 
 class ScalarModel(nnx.Module):
-  """Llama backbone + scalar head: a reward model or a value model. Returns float32 scores [B]."""
+  """Llama backbone (without its output head) + scalar head: a reward or value model. float32 scores [B].
+
+  Its params are {"backbone": Llama params less "lm_head", "head": {"w", "b"}}; `backbone_params(lm_params)`
+  turns a language model's params into the backbone part.
+  """
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.backbone = Llama(cfg, rngs=rngs)
+    del self.backbone.lm_head  # the next-token head is replaced by the scalar head (no unused [D, V] weights)
     self.head = ScalarHead(cfg.dim, rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype))
 
   def __call__(self, tokens_bt: jax.Array, mask_bt: jax.Array, positions_bt=None, segment_ids_bt=None) -> jax.Array:
     h_btd, _ = self.backbone.hidden(tokens_bt, positions_bt, segment_ids_bt)
     return self.head(h_btd, mask_bt)
+
+
+def backbone_params(lm_params: dict) -> dict:
+  """A language model's parameter dict without its next-token head: the `backbone` of a ScalarModel."""
+  return {k: v for k, v in lm_params.items() if k != "lm_head"}

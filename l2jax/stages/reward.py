@@ -41,7 +41,7 @@ HEAD_JSON = "head.json"
 # ----------------------------------------------------------------------------------------------- model
 
 def pair_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-  """Training FLOPs per processed token of a scalar model: the LM count less the unused LM head (6 * V * D)."""
+  """Training FLOPs per processed token of a scalar model: the LM count less the output head it does not have (6 * V * D)."""
   return cfg.flops_per_token(seq_len) - 6.0 * cfg.vocab_size * cfg.dim
 
 
@@ -66,7 +66,7 @@ def scalar_setup(model_cfg: LlamaConfig, init_dir: str, mesh, tokenizer_path: st
     head = jax.jit(lambda: llama.split(heads.ScalarHead(cfg.dim, rngs=nnx.Rngs(params=seed + 1),
                                                         param_dtype=jnp.dtype(cfg.param_dtype)))[1],
                    out_shardings=p_sh["head"])()
-    return {"backbone": base.init_params(), "head": head}
+    return {"backbone": heads.backbone_params(base.init_params()), "head": head}
 
   return Setup(mesh, cfg, base.tokenizer, graphdef, axes, abstract_params, init_params)
 
