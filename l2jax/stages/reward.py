@@ -41,7 +41,7 @@ HEAD_JSON = "head.json"
 # ----------------------------------------------------------------------------------------------- model
 
 def pair_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-  """Training FLOPs per processed token of a scalar model: the LM count less the output head it does not have (6 * V * D)."""
+  """Training FLOPs per processed token of a scalar model: the LM count less the output head (6 * V * D)."""
   return cfg.flops_per_token(seq_len) - 6.0 * cfg.vocab_size * cfg.dim
 
 
