@@ -42,6 +42,14 @@ from l2jax.model.config import LlamaConfig
 from l2jax.sharding import constrain
 
 
+def _to_host(tree: Any) -> Any:
+  """numpy copies of (possibly multi-host) arrays: every process gets the whole batch."""
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 class SampleOutput(NamedTuple):
   """What `Sampler.generate` returns (numpy arrays; B rows, N = max_new_tokens)."""
   tokens: np.ndarray          # [B, N] int32 new tokens; pad_id after each row's length
@@ -266,7 +274,7 @@ class Sampler:
     self.mesh = mesh
     if mesh is not None:
       shardings = sharding.tree_shardings(llama.logical_axes(abstract_model), mesh, sharding.SAMPLE_RULES, params)
-      params = jax.device_put(params, shardings)
+      params = sharding.put(params, shardings)
     self.params = jax.tree.map(jnp.asarray, params)
     self.tokenizer = tokenizer
     self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else 2)
@@ -336,12 +344,12 @@ class Sampler:
     if self.mesh is not None:
       batch_sh = lambda x: jax.sharding.NamedSharding(self.mesh, sharding.logical_to_spec(
           ("batch",) + (None,) * (x.ndim - 1), sharding.SAMPLE_RULES, self.mesh))
-      args = tuple(jax.device_put(x, batch_sh(x)) for x in args)
+      args = tuple(sharding.put(x, batch_sh(x)) for x in args)
     n_b, out = _generate(self.params, *args, jnp.float32(temperature or 1.0), jnp.int32(top_k),
                          jnp.float32(top_p), jnp.asarray(stops, jnp.int32), jnp.int32(self.pad_id),
                          graphdef=self.graphdef, cache_len=cache_len, n_out=n_out, mode=mode, mesh=self.mesh,
                          return_logits=return_logits)
-    n_b, out = jax.device_get((n_b, out))
+    n_b, out = _to_host((n_b, out))
     n_b = np.asarray(n_b[:B], np.int32)
     N = max_new_tokens
     toks = np.asarray(out["tokens"][:B, :N])

@@ -202,6 +202,27 @@ def initialize_distributed() -> None:
   if "JAX_COORDINATOR_ADDRESS" in env:
     kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
               num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+  try:  # cross-process collectives on the CPU backend (tests, CPU clusters); no effect on GPU / TPU
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, ValueError):
+    pass
   jax.distributed.initialize(**kw)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def put(tree: Any, shardings: Any) -> Any:
+  """Place host values (the same full value on every process) onto shardings; multi-host safe.
+
+  `jax.device_put` only reaches this process's devices; for a sharding that spans other processes each
+  process contributes its own shards of the value (`jax.make_array_from_callback`).
+  """
+  def one(x, sh):
+    if sh.is_fully_addressable:
+      return jax.device_put(x, sh)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = one(jax.random.key_data(x), NamedSharding(sh.mesh, P(*sh.spec, None)))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+  return jax.tree.map(one, tree, shardings)

@@ -153,3 +153,32 @@ def test_run_dir_of_another_experiment_is_refused(reference_run, tmp_path):
   shutil.rmtree(d / "final")
   rc, out, err = launch(d, "--set", "model.n_layers=3", steps=40)
   assert rc != 0 and "holds checkpoints of another experiment" in err and "model" in err, err
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_through_jax_distributed(reference_run, tmp_path):
+  """Multi-host for real: two processes on localhost (CPU, gloo collectives) form one 2-device mesh, start from
+  an l2jax checkpoint, each feeds its own shard of documents, and they write one set of checkpoints and one
+  final model."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [launch(tmp_path / "run", "--set", "eval_every=3", "--set", f"init={reference_run / 'final'}",
+                  steps=6, every=3, wait=False,
+                  env_extra={"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                             "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  steps = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+  ref_rows = [json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()]
+  assert steps[0]["loss"] < [r["loss"] for r in ref_rows if "loss" in r][0] - 0.3  # started from the trained model
+  assert all(r["loss_weight"] > 8 * 32 * 0.9 for r in steps)  # the global batch: 8 rows of 32 from both processes
+  assert any("eval_loss" in r for r in rows)
+  assert complete_steps(tmp_path / "run") == [3, 6]
+  import l2jax
+  import jax.numpy as jnp
+  assert np.isfinite(np.asarray(l2jax.load(tmp_path / "run" / "final")(jnp.ones((1, 4), jnp.int32)))).all()

@@ -307,3 +307,44 @@ def test_stories260k_greedy_matches_llama2c_cli(stories_ckpt, runc):
                      env=ENV, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout == runc["greedy_200_empty_prompt"]["text"] + "\n"
+
+
+MULTIHOST_SCRIPT = r"""
+import json
+from l2jax import sharding as shd
+shd.initialize_distributed()
+import jax
+from l2jax.model import llama, presets
+from l2jax.sample import Sampler
+model = llama.init(presets.get("test"), seed=3)
+mesh = shd.make_mesh(1, -1, 1) if jax.process_count() > 1 else None
+out = Sampler(model, mesh=mesh, eos_id=2, pad_id=0).generate(
+    [[1, 5, 6], [1, 7], [1, 9, 9, 9], [1]], max_new_tokens=8, temperature=0.8, top_p=0.9, seed=4)
+print("RESULT", json.dumps([out.tokens.tolist(), out.lengths.tolist(), out.model_logprobs.round(5).tolist()]))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_sampling_equals_one_process(tmp_path):
+  """Sharded sampling across two processes (jax.distributed on localhost, CPU): every process gets the whole
+  batch, equal to what one process samples alone."""
+  import socket
+  script = tmp_path / "mh.py"
+  script.write_text(MULTIHOST_SCRIPT)
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+
+  def result(text):
+    return [l for l in text.splitlines() if l.startswith("RESULT")][0]
+
+  single = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-2000:]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                 "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert result(out) == result(single.stdout)

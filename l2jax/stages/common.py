@@ -90,7 +90,7 @@ def model_setup(model_cfg, init_dir: str, mesh, tokenizer_path: str, seed: int) 
     if init_dir:
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, p_sh)
       _, params = ckpt_lib.load_model_dir(init_dir)  # validates keys and shapes
-      return jax.device_put(jax.tree.map(lambda x, t: np.asarray(x, t.dtype), params, target), p_sh)
+      return shd.put(jax.tree.map(lambda x, t: np.asarray(x, t.dtype), params, target), p_sh)
     return jax.jit(lambda: llama.split(llama.init(model_cfg, seed))[1], out_shardings=p_sh)()
 
   return Setup(mesh, model_cfg, tokenizer, graphdef, axes, abstract_params, init_params)
