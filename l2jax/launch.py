@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     print(c.to_json(cfg))
     return 0
   run_dir = Path(args.run_dir or f"runs/{name}")
+  created = not run_dir.exists()
   run_dir.mkdir(parents=True, exist_ok=True)
   (run_dir / "config.json").write_text(c.to_json(cfg) + "\n")
   stage = importlib.import_module(f"l2jax.stages.{type(cfg).stage}")
@@ -61,12 +62,22 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     return 130
   except Exception as e:  # clear one-line error, non-zero exit; tracebacks with L2JAX_TRACEBACK=1
+    if created:
+      _remove_if_nothing_saved(run_dir)
     import os
     if os.environ.get("L2JAX_TRACEBACK"):
       raise
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def _remove_if_nothing_saved(run_dir: Path) -> None:
+  """A run that failed before its first checkpoint leaves no run directory behind (it made it)."""
+  import shutil
+  ckpts = run_dir / "checkpoints"
+  if not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())) and not (run_dir / "final").exists():
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
