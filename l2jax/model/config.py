@@ -27,7 +27,7 @@ class LlamaConfig:
     param_dtype: storage dtype of parameters.
     remat: rematerialisation of each block in the backward pass: none | full | dots.
     scan_layers: run blocks with lax.scan (compile time independent of depth).
-    attention_impl: None (JAX picks), "xla" or "cudnn" for jax.nn.dot_product_attention.
+    attention_impl: None (cuDNN flash attention on GPU in bf16/fp16 where it applies, else XLA), "xla" or "cudnn".
   """
   vocab_size: int = 32000
   dim: int = 4096

@@ -80,6 +80,22 @@ class Blocks(nnx.Module):
     self.w2 = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), pd)
 
 
+def attention(q_bthk, k_bshk, v_bshk, mask_b1ts, is_causal: bool, impl: str | None, cached: bool = False):
+  """softmax(q k^T / sqrt(head_dim) + mask) v with grouped KV heads, through `jax.nn.dot_product_attention`.
+
+  impl None picks cuDNN flash attention on GPU for bf16 / fp16 without a KV cache (JAX's own default is XLA),
+  falling back to XLA when cuDNN rejects the shapes or mask; "xla" / "cudnn" force one.
+  """
+  if impl is None and not cached and q_bthk.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
+    try:
+      return jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask_b1ts, is_causal=is_causal,
+                                          implementation="cudnn")
+    except Exception:  # unsupported by this cuDNN / shape / mask: use XLA  # noqa: BLE001
+      pass
+  return jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask_b1ts, is_causal=is_causal,
+                                      implementation=impl)
+
+
 def _block(cfg: LlamaConfig, p: Params, x_btd, cos, sin, mask_b1ts, is_causal: bool, kv=None, positions_bt=None):
   """One pre-norm block: x + Attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)).
 
@@ -101,8 +117,7 @@ def _block(cfg: LlamaConfig, p: Params, x_btd, cos, sin, mask_b1ts, is_causal: b
     v_all = v_all.at[layer, rows_b1, positions_bt].set(v.astype(v_all.dtype))
     kv = (k_all, v_all, layer)
     k, v = k_all[layer].astype(dt), v_all[layer].astype(dt)
-  attn_bthk = jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts, is_causal=is_causal,
-                                           implementation=cfg.attention_impl)
+  attn_bthk = attention(q, k, v, mask_b1ts, is_causal, cfg.attention_impl, cached=kv is not None)
   x_btd = x_btd + jnp.einsum("bthk,hkd->btd", attn_bthk, p["wo"].astype(dt))
   x_btd = constrain(x_btd, ("batch", "seq", "embed"))
   h_btd = rms_norm(x_btd, p["ffn_norm"], cfg.norm_eps)
