@@ -19,7 +19,7 @@ import numpy as np
 
 from l2jax.convert import (BLOCK_NAMES, NP_DTYPES, ConversionError, ParamPlan, check_dtype, check_out_dir,
                            check_tokenizer_vocab, dtype_name, find_tokenizer, l2jax_to_meta, meta_shapes, save)
-from l2jax.model.config import LlamaConfig
+from l2jax.model.config import LlamaConfig, read_json
 
 ST_DTYPES = {"F32": NP_DTYPES["float32"], "BF16": NP_DTYPES["bfloat16"], "F16": NP_DTYPES["float16"]}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
@@ -241,12 +241,7 @@ def hf_to_l2jax(hf_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Pat
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"{hf_dir}: HF checkpoint directory not found")
   cfg_path = hf_dir / "config.json"
-  if not cfg_path.is_file():
-    raise FileNotFoundError(f"{cfg_path}: config.json not found (needed for the model shape)")
-  try:
-    hf_cfg = json.loads(cfg_path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+  hf_cfg = read_json(cfg_path, "config.json (needed for the model shape)", ConversionError)
   files, weight_map = _shard_files(hf_dir)
   shards = [SafetensorsFile(p) for p in files]
   if weight_map is not None:

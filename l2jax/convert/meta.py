@@ -12,7 +12,6 @@ weight at a time.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from l2jax.convert import (NP_DTYPES, ConversionError, ParamPlan, check_dtype, check_out_dir,
                            check_tokenizer_vocab, ffn_dim_meta, find_tokenizer, meta_shapes, save)
-from l2jax.model.config import LlamaConfig
+from l2jax.model.config import LlamaConfig, read_json
 
 TOP_KEYS = {"tok_embeddings.weight": "embed", "norm.weight": "norm", "output.weight": "lm_head"}
 LAYER_KEYS = {
@@ -152,12 +151,7 @@ def meta_to_l2jax(meta_dir: str | Path, out_dir: str | Path, *, tokenizer: str |
   if not meta_dir.is_dir():
     raise FileNotFoundError(f"{meta_dir}: Meta checkpoint directory not found")
   params_path = meta_dir / "params.json"
-  if not params_path.is_file():
-    raise FileNotFoundError(f"{params_path}: params.json not found (needed for the model shape)")
-  try:
-    pj = json.loads(params_path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{params_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+  pj = read_json(params_path, "params.json (needed for the model shape)", ConversionError)
   paths = shard_paths(meta_dir)
   sources = _Shards(paths)
   shards = sources.get()

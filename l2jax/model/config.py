@@ -96,11 +96,15 @@ class LlamaConfig:
 
   @classmethod
   def load(cls, path: str | Path) -> "LlamaConfig":
-    path = Path(path)
-    if not path.is_file():
-      raise FileNotFoundError(f"{path}: model config.json not found")
-    try:
-      d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    return cls.from_dict(d, where=str(path))
+    return cls.from_dict(read_json(path, "model config.json"), where=str(path))
+
+
+def read_json(path: str | Path, what: str, error: type[Exception] = ValueError) -> dict:
+  """A JSON file's content; FileNotFoundError naming `what`, or `error` with file:line for invalid JSON."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: {what} not found")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise error(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
