@@ -382,3 +382,15 @@ class RewardModel:
       raise ValueError(f"margin: expected 'none', 'small' or 'large' (Table 27), found {self.margin!r}")
     if self.epochs <= 0 and self.steps <= 0:
       raise ValueError(f"epochs={self.epochs}, steps={self.steps}: set a positive number of epochs or steps")
+
+
+# --- PPO (issue 10) -----------------------------------------------------------------------------------------
+
+
+# --- Rejection sampling and safety context distillation (issue 11) ------------------------------------------
+
+
+# --- Ghost Attention (issue 12) -----------------------------------------------------------------------------
+
+
+# --- Iterative RLHF (issue 13) ------------------------------------------------------------------------------
