@@ -57,3 +57,55 @@ def ranking_loss_sum(r_chosen_p: jax.Array, r_rejected_p: jax.Array, margin_p: j
     diff_p = diff_p - margin_p.astype(jnp.float32)
   w_p = jnp.ones_like(diff_p) if weight_p is None else weight_p.astype(jnp.float32)
   return jnp.sum(jax.nn.softplus(-diff_p) * w_p), jnp.sum(w_p)
+
+
+# --- PPO (issue 10) ------------------------------------------------------------------------------------------
+
+def _masked_mean(x_bt: jax.Array, mask_bt: jax.Array, count: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.where(mask_bt, x_bt.astype(jnp.float32), 0.0)) / jnp.maximum(count, 1.0)
+
+
+def ppo_policy_loss(logprobs_bt: jax.Array, old_logprobs_bt: jax.Array, advantages_bt: jax.Array,
+                    mask_bt: jax.Array, clip: float = 0.2) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """(sum over masked tokens of the clipped PPO policy loss, number of masked tokens, metrics), float32.
+
+  Llama 2 section 3.2.3 (PPO, Schulman et al. 2017, clip 0.2): per token
+    L_t = -min(rho_t * A_t, clip(rho_t, 1 - clip, 1 + clip) * A_t),   rho_t = exp(log pi_theta - log pi_old).
+  Sums (not means) so that micro-batches accumulate exactly, like the other losses.
+  metrics (float32 scalars, means over masked tokens; 0 with no masked token):
+    "clipfrac"   TRL's pg_clipfrac: the share of tokens where the clipped term is strictly the larger loss
+                 (the one chosen, so the token has no gradient);
+    "approx_kl"  TRL's approxkl: mean of 0.5 * (log pi_theta - log pi_old)^2;
+    "ratio"      mean of rho.
+  """
+  m = jnp.asarray(mask_bt).astype(bool)
+  count = jnp.sum(m).astype(jnp.float32)
+  logratio_bt = logprobs_bt.astype(jnp.float32) - old_logprobs_bt.astype(jnp.float32)
+  ratio_bt = jnp.exp(logratio_bt)
+  adv_bt = advantages_bt.astype(jnp.float32)
+  loss1_bt = -adv_bt * ratio_bt
+  loss2_bt = -adv_bt * jnp.clip(ratio_bt, 1.0 - clip, 1.0 + clip)
+  loss_sum = jnp.sum(jnp.where(m, jnp.maximum(loss1_bt, loss2_bt), 0.0))
+  metrics = {"clipfrac": _masked_mean(loss2_bt > loss1_bt, m, count),
+             "approx_kl": _masked_mean(0.5 * jnp.square(logratio_bt), m, count),
+             "ratio": _masked_mean(ratio_bt, m, count)}
+  return loss_sum, count, metrics
+
+
+def ppo_value_loss(values_bt: jax.Array, old_values_bt: jax.Array, returns_bt: jax.Array, mask_bt: jax.Array,
+                   clip: float = 0.2) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """(sum over masked tokens of the clipped value loss, number of masked tokens, metrics), float32.
+
+  Clipped value loss (the PPO2 / TRL form; the value-loss clip Llama 2 section 3.2.3 leaves open, 0.2):
+    L_t = 0.5 * max((V_t - R_t)^2, (clip(V_t, V_old_t - clip, V_old_t + clip) - R_t)^2).
+  metrics: "vf_clipfrac", TRL's: the share of masked tokens where the clipped term is strictly larger.
+  """
+  m = jnp.asarray(mask_bt).astype(bool)
+  count = jnp.sum(m).astype(jnp.float32)
+  v_bt = values_bt.astype(jnp.float32)
+  old_bt = old_values_bt.astype(jnp.float32)
+  ret_bt = returns_bt.astype(jnp.float32)
+  loss1_bt = jnp.square(v_bt - ret_bt)
+  loss2_bt = jnp.square(jnp.clip(v_bt, old_bt - clip, old_bt + clip) - ret_bt)
+  loss_sum = 0.5 * jnp.sum(jnp.where(m, jnp.maximum(loss1_bt, loss2_bt), 0.0))
+  return loss_sum, count, {"vf_clipfrac": _masked_mean(loss2_bt > loss1_bt, m, count)}
