@@ -27,3 +27,16 @@ def test_scalar_model_reads_last_real_token_and_ignores_padding():
   # a different last token changes the score
   s2 = model(jnp.array([[5, 6, 8, 0, 0]], jnp.int32), mask[:1])
   assert abs(float(s2[0]) - float(s[0])) > 1e-6
+
+
+def test_value_model_gives_the_reward_score_at_every_prefix():
+  """values()[:, t] is the scalar model's score of the prefix tokens[:, :t+1] (the value model of PPO)."""
+  cfg = presets.get("test")
+  model = heads.ScalarModel(cfg, rngs=nnx.Rngs(params=0))
+  toks = jnp.array([[5, 6, 7, 8, 9]], jnp.int32)
+  v = model.values(toks)
+  assert v.shape == (1, 5) and v.dtype == jnp.float32
+  for t in range(5):
+    mask = (jnp.arange(5) <= t).astype(jnp.int32)[None]
+    np.testing.assert_allclose(float(v[0, t]), float(model(toks, mask)[0]), rtol=1e-5, atol=1e-6)
+  assert float(jnp.std(v)) > 1e-6

@@ -1,4 +1,4 @@
-"""Scalar heads for reward models and value models (Llama 2 section 3.2.2).
+"""Scalar heads for reward models (Llama 2 section 3.2.2) and value models (section 3.2.3).
 
 "The model architecture and hyper-parameters are identical to those of the pretrained language models,
 except that the classification head for next-token prediction is replaced with a regression head for
@@ -42,6 +42,11 @@ class ScalarHead(nnx.Module):
     h_bd = gather_last(h_btd, mask_bt).astype(jnp.float32)
     return h_bd @ self.w[...].astype(jnp.float32) + self.b[...].astype(jnp.float32)
 
+  def every_position(self, h_btd: jax.Array) -> jax.Array:
+    """The same linear map at every position: float32 [B, T] (a value model's V(s_t), section 3.2.3)."""
+    return jnp.einsum("btd,d->bt", h_btd.astype(jnp.float32), self.w[...].astype(jnp.float32)) \
+        + self.b[...].astype(jnp.float32)
+
 
 class ScalarModel(nnx.Module):
   """Llama backbone (without its output head) + scalar head: a reward or value model. float32 scores [B].
@@ -58,6 +63,13 @@ class ScalarModel(nnx.Module):
   def __call__(self, tokens_bt: jax.Array, mask_bt: jax.Array, positions_bt=None, segment_ids_bt=None) -> jax.Array:
     h_btd, _ = self.backbone.hidden(tokens_bt, positions_bt, segment_ids_bt)
     return self.head(h_btd, mask_bt)
+
+  def values(self, tokens_bt: jax.Array, positions_bt=None, segment_ids_bt=None) -> jax.Array:
+    """float32 [B, T]: the head at every position, V(tokens[:, :t+1]). The value model of PPO (section 3.2.3)
+    has this form; initialised from a reward model's params (Stiennon et al., 2020), its value at a row's last
+    token is that reward model's score."""
+    h_btd, _ = self.backbone.hidden(tokens_bt, positions_bt, segment_ids_bt)
+    return self.head.every_position(h_btd)
 
 
 def backbone_params(lm_params: dict) -> dict:
