@@ -81,12 +81,21 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int =
           "rng": jax.random.key_data(jax.random.key(seed))}
 
 
+def all_finite(*trees: Any) -> jax.Array:
+  """float32 [] 1.0 when every floating-point leaf of `trees` is finite, else 0.0 (the "finite" step metric)."""
+  oks = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)
+         if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(oks)).astype(jnp.float32) if oks else jnp.float32(1.0)
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, micro_batches: int = 1,
                     schedule: optax.Schedule | None = None) -> Callable[[State, Batch], tuple[State, dict]]:
   """The pure step: gradient of sum(loss) / sum(weight) over `micro_batches` accumulation steps, then update.
 
   Micro-batch i takes rows i, i+k, i+2k, ... so each device's share of the batch is split evenly.
   Accumulating sums and dividing once makes k micro-batches equal one batch of k times the size.
+  Metrics: loss, loss_weight, grad_norm, lr (with `schedule`) and "finite": 1.0 when the loss, the gradient
+  norm and every updated parameter are finite, else 0.0 (`run` never saves or continues from such a state).
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -107,9 +116,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mi
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     updates, opt = optimizer.update(grads, state["opt"], params)
-    new = {"params": optax.apply_updates(params, updates), "opt": opt, "step": state["step"] + 1,
-           "rng": state["rng"]}
-    metrics = {"loss": loss_sum / denom, "loss_weight": weight, "grad_norm": optax.global_norm(grads)}
+    new_params = optax.apply_updates(params, updates)
+    new = {"params": new_params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
+    loss, grad_norm = loss_sum / denom, optax.global_norm(grads)
+    metrics = {"loss": loss, "loss_weight": weight, "grad_norm": grad_norm,
+               "finite": all_finite(loss, grad_norm, new_params)}
     if schedule is not None:
       metrics["lr"] = schedule(state["step"])
     return new, metrics
@@ -188,23 +199,56 @@ class _Sigterm:
       signal.signal(signal.SIGTERM, self.prev)
 
 
-def _finite(metrics: dict) -> bool:
-  return bool(np.isfinite(float(metrics["loss"])))
+def split_metrics(host_metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """(scalars as float, arrays with ndim > 0 as numpy) of one step's host metrics."""
+  scalars, arrays = {}, {}
+  for k, v in host_metrics.items():
+    if np.ndim(v) > 0:
+      arrays[k] = np.asarray(v)
+    else:
+      scalars[k] = float(v)
+  return scalars, arrays
+
+
+def step_ok(scalars: dict[str, float]) -> bool:
+  """The "finite" contract: a step's state may be kept when its "finite" metric (if any) is nonzero and its
+  "loss" (if any) is finite."""
+  if "finite" in scalars and not (np.isfinite(scalars["finite"]) and scalars["finite"] != 0):
+    return False
+  return "loss" not in scalars or bool(np.isfinite(scalars["loss"]))
 
 
 def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: int, run_dir: str | Path,
         ckpt: TrainCheckpointer | None, ckpt_every: int, mesh, log_every: int = 10,
         hooks: tuple[Hook, ...] = (), tokens_per_step: float | None = None,
         flops_per_token: float | None = None, tensorboard: bool = True,
-        progress: bool = True, description: str = "train") -> RunResult:
+        progress: bool = True, description: str = "train",
+        outputs_fn: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> RunResult:
   """Run `step` from `state["step"]` to `total_steps`.
 
+  step(state, batch) -> (new state, metrics): any pure step function (make_train_step's, or a stage's own,
+  e.g. a PPO iteration) wrapped by `compile_step`. Its metrics are a dict of device arrays:
+    - scalars (ndim 0) are converted to float, logged to metrics.jsonl / TensorBoard every `log_every` steps
+      and kept in RunResult.last_metrics. "loss" is optional (a step without it is never stopped for NaN).
+    - "finite" (the NaN contract; optional, scalar): 1.0 when the step's own update produced only finite values
+      (loss, gradient norms, every updated parameter), 0.0 otherwise; make_train_step computes it from the
+      loss, the gradient norm and the new parameters (`all_finite`), and a stage writing its own step should
+      return it too. When "finite" is 0 or "loss" is not finite, the run stops before that step's state is
+      saved or used, and raises NonFiniteLoss naming the step and the last good checkpoint: every saved
+      checkpoint holds a state whose update was finite.
+    - arrays (ndim > 0) are never logged or converted to float: when the step's metrics settle, process 0
+      calls `outputs_fn(step, {name: host numpy array})` with them (dropped when outputs_fn is None), e.g.
+      sampled tokens or per-row rewards to write to a JSONL file.
   tokens_per_step: tokens the model processes per step (rows x seq_len, padding included), for tokens/s and
-  MFU (flops_per_token per token); default: the step's loss weight.
+  MFU (flops_per_token per token); default: the step's "loss_weight" metric (0 without one).
   Saves every `ckpt_every` steps and at the end (state, data-iterator state); on SIGTERM saves and returns
-  status "preempted"; on a non-finite loss stops without saving and raises NonFiniteLoss naming the step.
-  Metrics of step s are read after step s+1 is dispatched, so the host never stalls the device.
+  status "preempted". Metrics of step s are read after step s+1 is dispatched, so the host never stalls the
+  device; a step due for a checkpoint or a hook is settled (and checked) first.
   """
+  if ckpt_every < 1:
+    raise ValueError(f"ckpt_every: expected >= 1, found {ckpt_every}")
+  if log_every < 1:
+    raise ValueError(f"log_every: expected >= 1, found {log_every}")
   writer = MetricsWriter(run_dir, tensorboard=tensorboard)
   start = int(jax.device_get(state["step"]))
   bar = None
@@ -222,12 +266,17 @@ def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: in
   def settle(p) -> dict:
     nonlocal t_log, tokens_since, last
     s, dev_metrics, fp = p
-    m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
-    if not np.isfinite(m["loss"]):
+    m, arrays = split_metrics(jax.device_get(dev_metrics))
+    if not step_ok(m):
       if ckpt:
         ckpt.wait()
-      raise NonFiniteLoss(f"non-finite loss ({m['loss']}) at step {s}; stopping; {last_good()}")
-    tokens_since += tokens_per_step if tokens_per_step else m["loss_weight"]
+      what = (f"non-finite loss ({m['loss']})" if "loss" in m and not np.isfinite(m["loss"]) else
+              f"non-finite values in the update (loss {m.get('loss', float('nan')):.4g}, grad_norm "
+              f"{m.get('grad_norm', float('nan')):.4g})")
+      raise NonFiniteLoss(f"{what} at step {s}; stopping without saving it; {last_good()}")
+    if arrays and outputs_fn is not None and jax.process_index() == 0:
+      outputs_fn(s, arrays)
+    tokens_since += tokens_per_step if tokens_per_step else m.get("loss_weight", 0.0)
     m["batch_crc"] = fp
     last = m
     if s % log_every == 0 or s == total_steps:

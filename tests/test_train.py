@@ -128,3 +128,74 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train.run(step, state, _ListIter(batches), total_steps=6, run_dir=tmp_path, ckpt=ck, ckpt_every=1,
               mesh=mesh, progress=False)
   assert ck.latest_step() == 3
+
+
+def _poisoned_run(tmp_path, loss_fn_of, poison_at, steps=5, outputs_fn=None, step_fn=None):
+  """train.run over `steps` batches whose "poison" flag is set at step `poison_at` (1-based)."""
+  _, graphdef, params, axes = _setup()
+  rng = np.random.default_rng(2)
+  batches = []
+  for i in range(steps):
+    b = _batch(rng)
+    b["poison"] = np.full((8, 1), 1 if i + 1 == poison_at else 0, np.int32)
+    batches.append(b)
+  opt = train.make_optimizer(c.AdamW(lr=1e-3, warmup_steps=0), steps)
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  state = train.init_state(params, opt)
+  fn = step_fn or train.make_train_step(loss_fn_of(lm_loss_fn(graphdef)), opt)
+  step = train.compile_step(fn, jax.eval_shape(lambda s: s, state), axes, mesh, batches[0])
+  ck = TrainCheckpointer(tmp_path, keep=10, async_save=False, identity={"name": "nan"})
+  return ck, lambda: train.run(step, state, _ListIter(batches), total_steps=steps, run_dir=tmp_path, ckpt=ck,
+                               ckpt_every=1, mesh=mesh, progress=False, outputs_fn=outputs_fn)
+
+
+def test_nonfinite_update_with_finite_loss_is_never_saved(tmp_path):
+  """Issue 9: the loss is finite but the gradient (and so the updated parameters) is not: the state after that
+  update must not be saved; the last checkpoint holds finite parameters."""
+  def loss_fn_of(base):
+    def loss_fn(p, b):
+      s, w = base(p, b)
+      leaf = jax.tree.leaves(p)[0]
+      # value 0, gradient inf (d sqrt(u)/du at u = 0) on the poisoned step only
+      poison = b["poison"][0, 0] > 0
+      u = jnp.where(poison, jnp.sum(leaf - jax.lax.stop_gradient(leaf)).astype(jnp.float32), 1.0)
+      return s + jnp.where(poison, jnp.sqrt(u), 0.0), w
+    return loss_fn
+
+  ck, go = _poisoned_run(tmp_path, loss_fn_of, poison_at=2)
+  with pytest.raises(train.NonFiniteLoss, match=r"non-finite values in the update .* at step 2; .*step 1"):
+    go()
+  assert ck.latest_step() == 1
+  _, graphdef, params, _ = _setup()
+  opt = train.make_optimizer(c.AdamW(lr=1e-3, warmup_steps=0), 5)
+  target = jax.eval_shape(lambda: train.init_state(params, opt))
+  restored, _ = ck.restore(1, target)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
+
+
+def test_all_finite_metric():
+  assert float(train.all_finite(jnp.ones(3), {"a": jnp.zeros((2, 2))})) == 1.0
+  assert float(train.all_finite(jnp.float32(1), {"a": jnp.array([1.0, jnp.inf])})) == 0.0
+  assert float(train.all_finite(jnp.float32(jnp.nan))) == 0.0
+  assert float(train.all_finite({"i": jnp.arange(3)})) == 1.0   # integers are always finite
+
+
+def test_array_metrics_go_to_outputs_fn_not_the_log(tmp_path):
+  """Step metrics with ndim > 0 are handed to outputs_fn(step, arrays) as numpy, never logged as floats."""
+  _, graphdef, params, _ = _setup()
+  opt = train.make_optimizer(c.AdamW(lr=1e-3, warmup_steps=0), 3)
+  base = train.make_train_step(lm_loss_fn(graphdef), opt)
+
+  def step_fn(state, batch):
+    new, m = base(state, batch)
+    return new, {**m, "per_row_bt": batch["tokens"][:, :3] + state["step"]}
+
+  got = {}
+  ck, go = _poisoned_run(tmp_path, None, poison_at=0, steps=3, step_fn=step_fn,
+                         outputs_fn=lambda s, arrays: got.__setitem__(s, arrays))
+  result = go()
+  assert sorted(got) == [1, 2, 3]
+  assert isinstance(got[2]["per_row_bt"], np.ndarray) and got[2]["per_row_bt"].shape == (8, 3)
+  rows = [__import__("json").loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows and all("per_row_bt" not in r for r in rows) and "per_row_bt" not in result.last_metrics
+  assert result.last_metrics["finite"] == 1.0
