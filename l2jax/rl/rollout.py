@@ -1,0 +1,176 @@
+"""PPO rollouts (Llama 2 section 3.2.3): sample one response per prompt from the policy, then score it.
+
+Two pure functions, each jitted once by the PPO stage with explicit shardings:
+
+  generate(policy_params, batch, key) -> responses
+    The policy's *training* parameters are constrained to the sampling layout (SAMPLE_RULES: no FSDP gather per
+    decoded token) and cast to the sampling dtype inside the program: the paper's "consolidate the model weights
+    on each node once before generation" (20x faster generation in their FSDP runs). Decoding is the sampler's
+    on-device loop (`l2jax.sample._generate`), one row key per prompt from (seed, iteration, prompt index), so a
+    row's tokens do not depend on the batch layout or the number of devices.
+
+  score(params, frozen, batch, responses) -> Rollout
+    Assembles [prompt | response | pad] rows, then one forward pass each of the policy, the frozen reference
+    policy, the value model and both reward models over the whole rows; computes R~c = WHITEN(LOGIT(Rc)) over
+    the batch, the per-token KL rewards and GAE (l2jax/rl/rewards.py, l2jax/rl/gae.py).
+
+Alignment: position t of every [B, T] array is the token tokens[:, t]; for a response token ("action") at t,
+logprobs[:, t] = log pi(tokens[t] | tokens[:t]) and values[:, t] = V(tokens[:t]) (the value model's head read
+at t - 1). `mask` is True exactly on the response tokens, EOS included when the row stopped on it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from l2jax import sharding as shd
+from l2jax.losses import token_nll
+from l2jax.rl import gae as gae_lib
+from l2jax.rl import rewards
+
+
+class Responses(NamedTuple):
+  tokens_bn: jax.Array     # int32 [B, N] new tokens, pad after each row's length
+  lengths_b: jax.Array     # int32 [B] new tokens per row (EOS counted when it ended the row)
+
+
+class Rollout(NamedTuple):
+  """One scored batch (all [B, T] arrays aligned as in the module docstring; float32 unless noted)."""
+  tokens: jax.Array        # int32 [B, T]
+  mask: jax.Array          # bool [B, T] response tokens
+  logprobs: jax.Array      # [B, T] log pi_theta_old (the policy that sampled), 0 off the mask
+  ref_logprobs: jax.Array  # [B, T] log pi_0
+  values: jax.Array        # [B, T] V before each response token
+  rewards: jax.Array       # [B, T] -beta * KL per token + R~c at the last response token
+  advantages: jax.Array    # [B, T] GAE (whitened over the batch when configured)
+  returns: jax.Array       # [B, T] advantages (before whitening) + values
+  helpful: jax.Array       # [B] raw helpfulness score (logit of Rh)
+  safety: jax.Array        # [B] raw safety score (logit of Rs)
+  score: jax.Array         # [B] LOGIT(Rc): the raw score of the model Rc selects
+  whitened: jax.Array      # [B] R~c (missing-EOS penalty included)
+  used_safety: jax.Array   # bool [B] Rc took the safety model
+  entropy: jax.Array       # [B] mean entropy of the policy over the row's response tokens
+  eos: jax.Array           # bool [B] the response ended with EOS
+
+
+def assemble(prompt_bp: jax.Array, prompt_lens_b: jax.Array, resp_bn: jax.Array, resp_lens_b: jax.Array,
+             pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(tokens int32 [B, P+N], response mask bool [B, P+N], real-token mask bool [B, P+N]).
+
+  Row b is prompt[b, :len_b] + response[b, :n_b] + padding: each response starts right after its own prompt.
+  """
+  B, P = prompt_bp.shape
+  N = resp_bn.shape[1]
+  t_t = jnp.arange(P + N, dtype=jnp.int32)[None, :]
+  k_bt = t_t - prompt_lens_b[:, None]                      # index into the response
+  in_prompt = t_t < prompt_lens_b[:, None]
+  in_resp = (k_bt >= 0) & (k_bt < resp_lens_b[:, None])
+  prompt_bt = jnp.pad(prompt_bp, ((0, 0), (0, N)), constant_values=pad_id)
+  resp_bt = jnp.take_along_axis(resp_bn, jnp.clip(k_bt, 0, N - 1), axis=1)
+  tokens = jnp.where(in_prompt, prompt_bt, jnp.where(in_resp, resp_bt, pad_id)).astype(jnp.int32)
+  return tokens, in_resp, in_prompt | in_resp
+
+
+def shift_right(x_bt: jax.Array) -> jax.Array:
+  """[B, T] -> [B, T] with x[:, t-1] at t and 0 at t = 0 (per-position outputs -> per-next-token alignment)."""
+  return jnp.pad(x_bt[:, :-1], ((0, 0), (1, 0)))
+
+
+def token_logprobs(logits_btv: jax.Array, tokens_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log p(tokens[t] | tokens[:t]), entropy of p(. | tokens[:t])), both float32 [B, T], 0 at t = 0."""
+  logits = logits_btv[:, :-1].astype(jnp.float32)
+  lp_bt = -token_nll(logits, tokens_bt[:, 1:])
+  logp_btv = jax.nn.log_softmax(logits, axis=-1)
+  ent_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
+  return jnp.pad(lp_bt, ((0, 0), (1, 0))), jnp.pad(ent_bt, ((0, 0), (1, 0)))
+
+
+def chunked(fn: Callable, chunks: int, *xs):
+  """fn over the rows of xs in `chunks` chunks (lax.map; chunk i = rows i::chunks, as the train step splits
+  micro-batches), so a big batch's [B, T, V] logits never live at once; chunks <= 1 calls fn once."""
+  if chunks <= 1:
+    return fn(*xs)
+  split = lambda x: x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]).swapaxes(0, 1)
+  out = jax.lax.map(lambda a: fn(*a), tuple(split(x) for x in xs))
+  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), out)
+
+
+def make_generate(graphdef, cfg, mesh, sample_shardings, *, max_new_tokens: int, temperature: float,
+                  top_p: float, eos_id: int, pad_id: int) -> Callable:
+  """generate(policy_params, batch, key_data) -> Responses; batch: prompt_tokens [B, P], prompt_lens, index."""
+  from l2jax.sample import _generate
+  dt = jnp.dtype(cfg.dtype)
+  mode = (False, False, top_p < 1.0)
+
+  def generate(policy_params, batch, key_data) -> Responses:
+    params = jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, policy_params)
+    params = jax.lax.with_sharding_constraint(params, sample_shardings)   # consolidate before generation
+    prompt_bp, lens_b = batch["prompt_tokens"], batch["prompt_lens"]
+    P = prompt_bp.shape[1]
+    key = jax.random.wrap_key_data(key_data)
+    keys_b = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["index"])
+    limits_b = jnp.minimum(max_new_tokens, cfg.max_seq_len - lens_b).astype(jnp.int32)
+    n_b, out = _generate(params, prompt_bp, lens_b, limits_b, keys_b, jnp.float32(temperature), jnp.int32(0),
+                         jnp.float32(top_p), jnp.asarray([eos_id], jnp.int32), jnp.int32(pad_id),
+                         graphdef=graphdef, cache_len=P + max_new_tokens, n_out=max_new_tokens, mode=mode,
+                         mesh=mesh, return_logits=False)
+    return Responses(out["tokens"][:, :max_new_tokens], n_b)
+
+  return generate
+
+
+RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def reward_model_fn(helpful_graphdef, safety_graphdef) -> RewardFn:
+  """reward_fn(frozen, tokens [B, T], seq_mask [B, T], response mask) -> (helpful [B], safety [B]) raw scores:
+  each reward model's head at the row's last real token, as the reward stage trains and scores them."""
+  def reward_fn(frozen, tokens_bt, seq_mask_bt, mask_bt):
+    m = seq_mask_bt.astype(jnp.int32)
+    return (nnx.merge(helpful_graphdef, frozen["rm_helpful"])(tokens_bt, m),
+            nnx.merge(safety_graphdef, frozen["rm_safety"])(tokens_bt, m))
+  return reward_fn
+
+
+def make_score(policy_graphdef, ref_graphdef, value_graphdef, reward_fn: RewardFn, *, eos_id: int, pad_id: int,
+               kl_beta: float, gamma: float, lam: float, threshold: float, missing_eos_penalty: float,
+               whiten_advantages: bool, chunks: int = 1) -> Callable:
+  """score(params {"policy", "value"}, frozen {"ref", "rm_helpful", "rm_safety"}, batch, responses) -> Rollout.
+
+  R~c = WHITEN(LOGIT(Rc)) over the batch (section 3.2.3), minus `missing_eos_penalty` where the response did
+  not end with EOS; rewards = -beta * (log pi - log pi_0) per response token + R~c at its last token; GAE
+  with (gamma, lam); advantages whitened over the batch's response tokens when `whiten_advantages`.
+  chunks: the forward passes run over the rows in this many chunks (memory; the result is the same).
+  """
+  def forward(params, frozen, tokens_bt):
+    logits = nnx.merge(policy_graphdef, params["policy"])(tokens_bt)
+    lp_bt, ent_bt = token_logprobs(logits, tokens_bt)
+    ref_lp_bt, _ = token_logprobs(nnx.merge(ref_graphdef, frozen["ref"])(tokens_bt), tokens_bt)
+    v_bt = shift_right(nnx.merge(value_graphdef, params["value"]).values(tokens_bt))
+    return lp_bt, ent_bt, ref_lp_bt, v_bt
+
+  def score(params, frozen, batch, resp: Responses) -> Rollout:
+    tokens, mask, seq_mask = assemble(batch["prompt_tokens"], batch["prompt_lens"], resp.tokens_bn,
+                                      resp.lengths_b, pad_id)
+    tokens = shd.constrain(tokens, ("batch", "seq"))
+    lp, ent, ref_lp, v = chunked(lambda t: forward(params, frozen, t), chunks, tokens)
+    helpful_b, safety_b = chunked(lambda t, s, m: reward_fn(frozen, t, s, m), chunks, tokens, seq_mask, mask)
+    zero = lambda x: jnp.where(mask, x, 0.0)
+    lp, ref_lp, v = zero(lp), zero(ref_lp), zero(v)
+    used_safety = rewards.select_safety(safety_b, batch["is_safety"], threshold)
+    score_b = rewards.combine(helpful_b, safety_b, batch["is_safety"], threshold)
+    last_b = jnp.take_along_axis(resp.tokens_bn, jnp.maximum(resp.lengths_b - 1, 0)[:, None], axis=1)[:, 0]
+    eos_b = (resp.lengths_b > 0) & (last_b == eos_id)
+    whitened_b = rewards.whiten(score_b) - jnp.where(eos_b, 0.0, missing_eos_penalty)
+    r_bt = rewards.token_rewards(whitened_b, lp, ref_lp, mask, kl_beta)
+    adv, ret = gae_lib.gae(r_bt, v, mask, gamma, lam)
+    if whiten_advantages:
+      adv = rewards.whiten(adv, mask)
+    n_b = jnp.maximum(jnp.sum(mask, axis=1), 1)
+    return Rollout(tokens, mask, lp, ref_lp, v, r_bt, adv, ret, helpful_b, safety_b, score_b, whitened_b,
+                   used_safety, jnp.sum(jnp.where(mask, ent, 0.0), axis=1) / n_b, eos_b)
+
+  return score

@@ -1,0 +1,321 @@
+"""PPO on the combined safety / helpfulness reward (Llama 2 section 3.2.3). docs/ppo.md has the details.
+
+run(cfg, run_dir): loads the policy (also the frozen reference pi_0), both reward models (frozen, in
+`frozen_dtype`) and the value model (from the helpfulness RM, or the policy's backbone with a fresh head);
+reads the prompts with their IS_SAFETY flag and holds some out; then runs `iterations` PPO iterations through
+the one training loop (`l2jax.train.run`: checkpoints with policy, value, both optimiser states, the prompt
+iterator and the RNG; exact resume; SIGTERM; the NaN stop). One iteration = three programs, each jitted once
+with explicit shardings:
+  generate  the policy's parameters constrained to the sampling layout, one response per prompt;
+  score     policy, reference, value and both reward models over the whole rows; R~c, KL rewards, GAE;
+  update    batch_prompts / minibatch AdamW steps for the policy and the value model (l2jax/rl/ppo.py).
+They are separate programs (DESIGN.md 6b allows one) so that each phase is timed (t_generate, t_score,
+t_train) and the KV cache and the training activations are never live in one program.
+Outputs: metrics.jsonl (rewards, KL, entropy, clip fraction, approx KL, value loss, explained variance,
+lengths, EOS rate, safety share, timings), samples.jsonl, eval metrics every `eval_every` iterations with early
+stopping on held-out mean Rc, ppo.png, final/ (the policy: best evaluation, else last), value/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from l2jax import checkpoint as ckpt_lib
+from l2jax import config as c
+from l2jax import reward as reward_lib
+from l2jax import sharding as shd
+from l2jax import train
+from l2jax.data import prompts as prompts_lib
+from l2jax.data.tokenizer import Tokenizer
+from l2jax.model import heads, llama
+from l2jax.rl import gae as gae_lib
+from l2jax.rl import ppo as ppo_lib
+from l2jax.rl import rollout as ro_lib
+from l2jax.rl.rewards import kl_stats
+
+VALUE_DIR = "value"
+
+
+class EarlyStop(Exception):
+  """Raised by the PPO step after an evaluation asked to stop (patience exhausted)."""
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+@dataclasses.dataclass
+class Models:
+  tokenizer: Tokenizer
+  policy_cfg: Any
+  value_cfg: Any
+  graphdefs: dict          # policy, ref, value, rm_helpful, rm_safety
+  axes: dict               # logical axes: policy, value, ref, rm_helpful, rm_safety
+  host: dict               # host numpy params: policy, value, ref, rm_helpful, rm_safety
+
+
+def _scalar_graph(cfg) -> tuple[Any, Any]:
+  abstract = nnx.eval_shape(lambda: heads.ScalarModel(cfg, rngs=nnx.Rngs(params=0)))
+  return llama.split(abstract)[0], llama.logical_axes(abstract)
+
+
+def _cast(tree, dtype: str):
+  dt = np.dtype(jnp.dtype(dtype))
+  return jax.tree.map(lambda a: np.asarray(a).astype(dt) if np.issubdtype(np.asarray(a).dtype, np.floating)
+                      else np.asarray(a), tree)
+
+
+def load_models(cfg: c.PPO) -> Models:
+  """Policy (= reference), value model and both reward models, as host arrays; shapes and vocabularies checked."""
+  numerics = {k: getattr(cfg.model, k) for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl")}
+  if not cfg.policy:
+    raise ValueError("policy: set an l2jax checkpoint directory or an experiment reference (experiments/sft.py:ARG)")
+  pol_cfg, pol = ckpt_lib.load_model_dir(cfg.policy)
+  pol_cfg = pol_cfg.replace(**numerics)
+  tok_path = Path(cfg.policy) / ckpt_lib.TOKENIZER
+  if not tok_path.is_file():
+    raise FileNotFoundError(f"{tok_path}: the policy checkpoint has no tokenizer.model")
+  tok = Tokenizer(tok_path)
+  frozen = {"dtype": cfg.frozen_dtype, "param_dtype": cfg.frozen_dtype, "remat": "none"}
+  rms, rm_cfgs = {}, {}
+  for name, d in (("rm_helpful", cfg.reward_models.helpful), ("rm_safety", cfg.reward_models.safety)):
+    if not d:
+      raise ValueError(f"reward_models.{name[3:]}: set a reward-model directory or an experiment reference")
+    rcfg, params, _ = reward_lib.load_params(d)
+    if rcfg.vocab_size != pol_cfg.vocab_size:
+      raise ValueError(f"{d}: reward model vocab_size {rcfg.vocab_size} != the policy's {pol_cfg.vocab_size}; "
+                       f"they must share the tokenizer")
+    rm_cfgs[name], rms[name] = rcfg, params
+  if cfg.value_init == "helpful":
+    value_cfg, value = rm_cfgs["rm_helpful"].replace(**numerics), rms["rm_helpful"]
+  else:
+    value_cfg = pol_cfg
+    head = llama.split(heads.ScalarHead(pol_cfg.dim, rngs=nnx.Rngs(params=cfg.seed + 1)))[1]
+    value = {"backbone": heads.backbone_params(pol), "head": jax.device_get(head)}
+  graphdefs, axes = {}, {}
+  graphdefs["policy"] = llama.split(llama.abstract(pol_cfg))[0]
+  axes["policy"] = axes["ref"] = llama.logical_axes(llama.abstract(pol_cfg))
+  graphdefs["ref"] = llama.split(llama.abstract(pol_cfg.replace(**frozen)))[0]
+  graphdefs["value"], axes["value"] = _scalar_graph(value_cfg)
+  for name, rcfg in rm_cfgs.items():
+    graphdefs[name], axes[name] = _scalar_graph(rcfg.replace(**frozen))
+  host = {"policy": _cast(pol, pol_cfg.param_dtype), "ref": _cast(pol, cfg.frozen_dtype),
+          "value": _cast(value, value_cfg.param_dtype),
+          **{k: _cast(v, cfg.frozen_dtype) for k, v in rms.items()}}
+  return Models(tok, pol_cfg, value_cfg, graphdefs, axes, host)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+@dataclasses.dataclass
+class PromptData:
+  train_ids: list
+  train: list
+  held_ids: list
+  held: list
+  stats: dict
+
+
+def load_prompts(p: c.Prompts, tok: Tokenizer) -> PromptData:
+  errors: list = []
+  records = prompts_lib.read_prompts(p.sources, skip_bad=p.skip_bad, errors=errors)
+  train_p, held_p = prompts_lib.split_heldout(records, p.heldout_fraction)
+  tr_ids, tr, tr_stats = prompts_lib.encode_prompts(tok, train_p, p.max_prompt_tokens, p.system)
+  he_ids, he, he_stats = prompts_lib.encode_prompts(tok, held_p, p.max_prompt_tokens, p.system)
+  if not tr:
+    raise ValueError(f"prompts: no usable training prompt in {list(p.sources)} ({tr_stats})")
+  if p.eval_prompts:
+    he_ids, he = he_ids[:p.eval_prompts], he[:p.eval_prompts]
+  return PromptData(tr_ids, tr, he_ids, he, {"train": tr_stats, "heldout": he_stats, "bad_records": errors[:20],
+                                             "eval_prompts": len(he)})
+
+
+# ----------------------------------------------------------------------------------------------- programs
+
+def _keys(rng, step, purpose: int):
+  """key data for (iteration `step`, purpose): generation 0, update 1, evaluation 2."""
+  k = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), step), purpose)
+  return jax.random.key_data(k)
+
+
+def rollout_stats(ro: ro_lib.Rollout, threshold_logit: float) -> dict:
+  """Scalar means over the batch: the metrics users of TRL / OpenRLHF look for."""
+  kl = kl_stats(ro.logprobs, ro.ref_logprobs, ro.mask)
+  n_b = jnp.sum(ro.mask, axis=1).astype(jnp.float32)
+  return {"rh": jnp.mean(ro.helpful), "rs": jnp.mean(ro.safety), "rc": jnp.mean(ro.score),
+          "rc_whitened": jnp.mean(ro.whitened), "violation_rate": jnp.mean(ro.safety < threshold_logit),
+          "kl": jnp.mean(kl["k1"]), "kl_k3": jnp.mean(kl["k3"]), "entropy": jnp.mean(ro.entropy),
+          "reward_total": jnp.mean(jnp.sum(ro.rewards, axis=1)), "response_len": jnp.mean(n_b),
+          "eos_rate": jnp.mean(ro.eos), "safety_share": jnp.mean(ro.used_safety),
+          "explained_variance": gae_lib.explained_variance(ro.values, ro.returns, ro.mask),
+          "value_mean": jnp.sum(ro.values) / jnp.maximum(jnp.sum(n_b), 1.0)}
+
+
+@dataclasses.dataclass
+class Programs:
+  generate: Any
+  score: Any
+  update: Any
+  mesh: Any
+  state_shardings: Any
+  frozen: Any               # device params of ref, rm_helpful, rm_safety
+  threshold_logit: float
+  samples: int
+  abstract_state: Any
+  init_state: Any           # params {"policy", "value"} -> a fresh state
+
+
+def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
+  tok = m.tokenizer
+  rules = shd.TRAIN_RULES
+  sh = lambda name: shd.tree_shardings(m.axes[name], mesh, rules, m.host[name])
+  p_sh = {"policy": sh("policy"), "value": sh("value")}
+  f_sh = {k: sh(k) for k in ("ref", "rm_helpful", "rm_safety")}
+  sample_sh = shd.tree_shardings(m.axes["policy"], mesh, shd.SAMPLE_RULES, m.host["policy"])
+  policy_opt = train.make_optimizer(cfg.optim, cfg.iterations * cfg.ppo_epochs * cfg.batch_prompts // cfg.minibatch)
+  value_opt = train.make_optimizer(cfg.value_optim, cfg.iterations * cfg.ppo_epochs * cfg.batch_prompts // cfg.minibatch)
+  def init_state(p):
+    return {"params": p, "opt": {"policy": policy_opt.init(p["policy"]), "value": value_opt.init(p["value"])},
+            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(cfg.seed))}
+  abstract_state = jax.eval_shape(init_state, {"policy": m.host["policy"], "value": m.host["value"]})
+  st_sh = train.state_shardings(abstract_state, {"policy": m.axes["policy"], "value": m.axes["value"]}, mesh, rules)
+  gen = ro_lib.make_generate(m.graphdefs["policy"], m.policy_cfg, mesh, sample_sh, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  chunks = cfg.batch_prompts // cfg.micro_batch if cfg.micro_batch else 1
+  reward_fn = reward_fn or ro_lib.reward_model_fn(m.graphdefs["rm_helpful"], m.graphdefs["rm_safety"])
+  score = ro_lib.make_score(m.graphdefs["policy"], m.graphdefs["ref"], m.graphdefs["value"], reward_fn,
+                            eos_id=tok.eos_id, pad_id=tok.pad_id, kl_beta=cfg.kl_beta, gamma=cfg.gamma, lam=cfg.lam,
+                            threshold=cfg.reward_models.safety_threshold,
+                            missing_eos_penalty=cfg.missing_eos_penalty, whiten_advantages=cfg.whiten_advantages,
+                            chunks=chunks)
+  update = ppo_lib.make_update(m.graphdefs["policy"], m.graphdefs["value"], policy_opt, value_opt,
+                               minibatch=cfg.minibatch, micro_batch=cfg.micro_batch, epochs=cfg.ppo_epochs,
+                               clip=cfg.clip, value_clip=cfg.value_clip)
+  thr = float(np.log(cfg.reward_models.safety_threshold) - np.log1p(-cfg.reward_models.safety_threshold))
+  k = cfg.samples_logged
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def gen_fn(policy, batch, rng, step, purpose):
+    return gen(policy, batch, _keys(rng, step, purpose))
+
+  def score_fn(params, frozen, batch, resp):
+    ro = score(params, frozen, batch, resp)
+    picked = {"sample_tokens": ro.tokens[:k], "sample_mask": ro.mask[:k], "sample_index": batch["index"][:k],
+              "sample_rh": ro.helpful[:k], "sample_rs": ro.safety[:k], "sample_rc": ro.score[:k]}
+    picked = jax.lax.with_sharding_constraint(picked, jax.tree.map(lambda _: rep, picked))
+    return ro, rollout_stats(ro, thr), picked
+
+  def update_fn(state, ro):
+    data = {f: getattr(ro, f) for f in ppo_lib.UPDATE_FIELDS}
+    new, metrics = update(state, data, _keys(state["rng"], state["step"], 1))
+    metrics["finite"] = train.all_finite(metrics["policy_loss"], metrics["value_loss"], metrics["policy_grad_norm"],
+                                         metrics["value_grad_norm"], new["params"])
+    metrics["loss"] = metrics["policy_loss"] + metrics["value_loss"]
+    return new, metrics
+
+  with shd.use_rules(mesh, rules):
+    frozen = {k: shd.put(m.host[k], f_sh[k]) for k in f_sh}
+  return Programs(
+      generate=jax.jit(gen_fn, in_shardings=(p_sh["policy"], None, rep, rep, rep)),
+      score=jax.jit(score_fn, in_shardings=(p_sh, f_sh, None, None)),
+      update=jax.jit(update_fn, in_shardings=(st_sh, None), out_shardings=(st_sh, None), donate_argnums=0),
+      mesh=mesh, state_shardings=st_sh, frozen=frozen, threshold_logit=thr, samples=k,
+      abstract_state=abstract_state, init_state=init_state)
+
+
+class PPOStep:
+  """One PPO iteration as `train.run` calls a step: step(state, batch) -> (state, metrics)."""
+  rules = shd.TRAIN_RULES
+
+  def __init__(self, progs: Programs, tokens_per_row: int):
+    self.p, self.tokens_per_row, self.stop = progs, tokens_per_row, False
+
+  def __call__(self, state, batch):
+    if self.stop:
+      raise EarlyStop()
+    p = self.p
+    with shd.use_rules(p.mesh, self.rules):
+      t0 = time.perf_counter()
+      resp = jax.block_until_ready(p.generate(state["params"]["policy"], batch, state["rng"], state["step"], jnp.int32(0)))
+      t1 = time.perf_counter()
+      ro, stats, picked = jax.block_until_ready(p.score(state["params"], p.frozen, batch, resp))
+      t2 = time.perf_counter()
+      state, metrics = p.update(state, ro)
+      jax.block_until_ready(metrics)
+      t3 = time.perf_counter()
+    gen_tokens = float(jnp.sum(resp.lengths_b))
+    return state, {**stats, **metrics, **picked, "t_generate": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
+                   "gen_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)}
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None):
+  """Train the policy with PPO; reward_fn replaces the two reward models (tests: a rule-based scorer)."""
+  from l2jax.stages import ppo_outputs as out
+  shd.initialize_distributed()
+  run_dir = Path(run_dir)
+  mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  m = load_models(cfg)
+  P, N = cfg.prompts.max_prompt_tokens, cfg.max_new_tokens
+  if P + N > m.policy_cfg.max_seq_len:
+    raise ValueError(f"prompts.max_prompt_tokens + max_new_tokens = {P + N} exceeds the policy's max_seq_len "
+                     f"{m.policy_cfg.max_seq_len}")
+  data = load_prompts(cfg.prompts, m.tokenizer)
+  if check_sharding:
+    from l2jax.stages import ppo_plan
+    return ppo_plan.report(cfg, m, mesh)
+  if jax.process_index() == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
+  s = data.stats["train"]
+  print(f"ppo: {s['kept']} training prompts ({s['safety']} safety; {s['dropped_too_long']} longer than "
+        f"{P} tokens dropped, {s['duplicates']} duplicates), {data.stats['eval_prompts']} held out; "
+        f"{cfg.iterations} iterations of {cfg.batch_prompts} prompts, {cfg.batch_prompts // cfg.minibatch} "
+        f"mini-batch steps each", file=sys.stderr)
+  progs = build_programs(cfg, m, mesh, reward_fn)
+  batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts, prompt_len=P,
+                                      seed=cfg.seed, pad_id=m.tokenizer.pad_id, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+  identity = {"stage": "ppo", "name": cfg.name, "init": cfg.policy, "value_init": cfg.value_init,
+              "policy": {k: getattr(m.policy_cfg, k) for k in ("vocab_size", "dim", "n_layers", "n_heads",
+                                                               "n_kv_heads", "ffn_dim")},
+              "value": {k: getattr(m.value_cfg, k) for k in ("dim", "n_layers")}}
+  ck = ckpt_lib.TrainCheckpointer(run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save, identity=identity)
+  early = out.EarlyStopping(run_dir, cfg.patience)
+  state = out.init_or_resume(cfg, ck, progs, m, batches)
+  step = PPOStep(progs, P + N)
+  start = int(jax.device_get(state["step"]))
+  out.trim_samples(run_dir, start)
+  hooks = ()
+  if cfg.eval_every and data.held:
+    hooks = (train.Hook(cfg.eval_every, out.eval_hook(cfg, progs, m, data, run_dir, early, step)),)
+  status = "done"
+  if early.stopped:
+    print(f"ppo: stopped early before (best iteration {early.best_step}); nothing to do", file=sys.stderr)
+    result = None
+  else:
+    try:
+      result = train.run(step, state, batches, total_steps=cfg.iterations, run_dir=run_dir, ckpt=ck,
+                         ckpt_every=cfg.ckpt.every, mesh=mesh, log_every=cfg.log_every, hooks=hooks,
+                         tokens_per_step=cfg.batch_prompts * (P + N), tensorboard=cfg.tensorboard,
+                         description="ppo", outputs_fn=out.samples_writer(run_dir, m.tokenizer, data.train))
+      status = result.status
+    except EarlyStop:
+      print(f"ppo: early stop: {cfg.patience} evaluations without a better held-out Rc; best iteration "
+            f"{early.best_step}", file=sys.stderr)
+      result = None
+  ck.close()
+  if status == "done":
+    last_state = result.state if result is not None else None
+    out.write_final(run_dir, m, last_state, early)
+    out.plot(run_dir)
+  return result

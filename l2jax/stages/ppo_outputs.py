@@ -1,0 +1,226 @@
+"""The PPO stage's state set-up, held-out evaluation with early stopping, and what it writes (samples.jsonl,
+final/, value/, ppo.png). The loop itself is `l2jax.train.run`; the programs are in l2jax/stages/ppo.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2jax import checkpoint as ckpt_lib
+from l2jax import sharding as shd
+from l2jax.rl.rewards import kl_stats
+
+EARLY = "early_stop.json"
+BEST = "best"
+
+
+def init_or_resume(cfg, ck, progs, m, batches) -> dict:
+  """The newest complete checkpoint's state (and the prompt iterator's), or a fresh state on the mesh."""
+  st_sh = progs.state_shardings
+  latest = ck.latest_step()
+  if latest is not None:
+    ck.check_identity(latest)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            progs.abstract_state, st_sh)
+    state, data_state = ck.restore(latest, abstract)
+    batches.set_state(data_state)
+    print(f"resumed from {ck.dir}/{latest}", file=sys.stderr)
+    return state
+  params = {"policy": shd.put(m.host["policy"], st_sh["params"]["policy"]),
+            "value": shd.put(m.host["value"], st_sh["params"]["value"])}
+  return jax.jit(progs.init_state, out_shardings=st_sh)(params)
+
+
+class EarlyStopping:
+  """Held-out mean Rc per evaluation; the best policy kept in run_dir/best; stop after `patience` evaluations
+  without improvement (0 = never). Its bookkeeping (early_stop.json) is rewritten after each evaluation, which
+  is deterministic, so a resumed run that repeats an evaluation reaches the same decision."""
+
+  def __init__(self, run_dir: Path, patience: int):
+    self.path, self.patience = Path(run_dir) / EARLY, patience
+    d = json.loads(self.path.read_text()) if self.path.is_file() else {}
+    self.best, self.best_step = d.get("best_rc"), d.get("best_step")
+    self.bad, self.stopped, self.history = d.get("bad_evals", 0), d.get("stopped", False), d.get("history", [])
+
+  def update(self, step: int, rc: float) -> tuple[bool, bool]:
+    """(improved, stop) after the evaluation at `step`."""
+    self.history = [h for h in self.history if h["step"] < step] + [{"step": step, "eval_rc": rc}]
+    improved = self.best is None or rc > self.best
+    if improved:
+      self.best, self.best_step, self.bad = rc, step, 0
+    else:
+      self.bad += 1
+    self.stopped = bool(self.patience and self.bad >= self.patience)
+    return improved, self.stopped
+
+  def save(self) -> None:
+    if jax.process_index() == 0:
+      tmp = self.path.with_suffix(".tmp")
+      tmp.write_text(json.dumps({"best_rc": self.best, "best_step": self.best_step, "bad_evals": self.bad,
+                                 "stopped": self.stopped, "patience": self.patience,
+                                 "history": self.history}, indent=2) + "\n")
+      os.replace(tmp, self.path)
+
+
+def replace_model_dir(dst: Path, write) -> None:
+  """Write a model directory with write(tmp_dir) beside `dst`, then swap it in (never a half-written dst)."""
+  dst = Path(dst)
+  tmp = dst.parent / f".{dst.name}.new"
+  shutil.rmtree(tmp, ignore_errors=True)
+  write(tmp)
+  if jax.process_index() == 0:
+    old = dst.parent / f".{dst.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+      os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _host(tree):
+  return jax.device_get(tree) if jax.process_count() == 1 else tree
+
+
+def save_policy(dst: Path, m, params) -> None:
+  replace_model_dir(dst, lambda d: ckpt_lib.save_model_dir(d, m.policy_cfg, _host(params), m.tokenizer.path))
+
+
+def evaluate(cfg, progs, m, data, state) -> dict:
+  """Held-out prompts answered by the current policy (same sampling settings, a fixed key per iteration):
+  mean raw Rc, Rh, Rs (logits), KL to pi_0 (k1, per response), violation rate (share with Rs < 0.15)."""
+  B = cfg.batch_prompts
+  n_proc, pid = jax.process_count(), jax.process_index()
+  ids, prompts = data.held_ids, data.held
+  sums = {"eval_rc": 0.0, "eval_rh": 0.0, "eval_rs": 0.0, "eval_kl": 0.0, "eval_violation_rate": 0.0,
+          "eval_response_len": 0.0}
+  P = cfg.prompts.max_prompt_tokens
+  with shd.use_rules(progs.mesh, shd.TRAIN_RULES):
+    for start in range(0, len(ids), B):
+      rows = list(range(start, min(start + B, len(ids))))
+      valid = np.zeros(B, np.float32)
+      valid[:len(rows)] = 1.0
+      rows = rows + [rows[0]] * (B - len(rows))
+      tokens = np.full((B, P), m.tokenizer.pad_id, np.int32)
+      for r, i in enumerate(rows):
+        tokens[r, :len(ids[i])] = ids[i]
+      batch = {"prompt_tokens": tokens, "prompt_lens": np.array([len(ids[i]) for i in rows], np.int32),
+               "is_safety": np.array([int(prompts[i].is_safety) for i in rows], np.int32),
+               "index": np.arange(start, start + B, dtype=np.int32)}
+      local = B // n_proc
+      batch = shd.global_batch({k: v[pid * local:(pid + 1) * local] for k, v in batch.items()}, progs.mesh)
+      resp = progs.generate(state["params"]["policy"], batch, state["rng"], jnp.int32(0), jnp.int32(2))
+      ro, _, _ = progs.score(state["params"], progs.frozen, batch, resp)
+      got = _eval_sums(ro, jnp.asarray(valid), progs.threshold_logit)
+      for k, v in jax.device_get(got).items():
+        sums[k] += float(v)
+  n = max(len(ids), 1)
+  return {k: v / n for k, v in sums.items()}
+
+
+@jax.jit
+def _eval_sums(ro, valid_b, thr):
+  kl = kl_stats(ro.logprobs, ro.ref_logprobs, ro.mask)["k1"]
+  s = lambda x: jnp.sum(x.astype(jnp.float32) * valid_b)
+  return {"eval_rc": s(ro.score), "eval_rh": s(ro.helpful), "eval_rs": s(ro.safety), "eval_kl": s(kl),
+          "eval_violation_rate": s(ro.safety < thr), "eval_response_len": s(jnp.sum(ro.mask, axis=1))}
+
+
+def eval_hook(cfg, progs, m, data, run_dir: Path, early: EarlyStopping, step_obj):
+  def hook(step, state):
+    res = evaluate(cfg, progs, m, data, state)
+    improved, stop = early.update(step, res["eval_rc"])
+    if improved:
+      save_policy(Path(run_dir) / BEST, m, state["params"]["policy"])
+    early.save()
+    if stop:
+      step_obj.stop = True
+    return {**res, "eval_best_rc": early.best, "eval_improved": float(improved)}
+  return hook
+
+
+def trim_samples(run_dir: Path, start: int) -> None:
+  """Drop samples.jsonl lines of iterations after `start` (a resumed run redoes them)."""
+  p = Path(run_dir) / "samples.jsonl"
+  if jax.process_index() or not p.is_file():
+    return
+  keep = [l for l in p.read_text().splitlines() if l.strip() and _iteration(l) <= start]
+  tmp = p.with_suffix(".tmp")
+  tmp.write_text("".join(l + "\n" for l in keep))
+  os.replace(tmp, p)
+
+
+def _iteration(line: str) -> int:
+  try:
+    return int(json.loads(line)["iteration"])
+  except (ValueError, KeyError, TypeError):
+    return 1 << 30   # a torn last line is dropped
+
+
+def samples_writer(run_dir: Path, tok, prompts):
+  path = Path(run_dir) / "samples.jsonl"
+
+  def write(step: int, arrays: dict[str, np.ndarray]) -> None:
+    if "sample_tokens" not in arrays:
+      return
+    with open(path, "a") as f:
+      for r in range(arrays["sample_tokens"].shape[0]):
+        toks, mask = arrays["sample_tokens"][r], arrays["sample_mask"][r].astype(bool)
+        resp = [int(t) for t in toks[mask] if int(t) != tok.eos_id]
+        p = prompts[int(arrays["sample_index"][r])]
+        f.write(json.dumps({"iteration": step, "prompt": list(p.messages), "is_safety": bool(p.is_safety),
+                            "response": tok.decode(resp), "response_tokens": int(mask.sum()),
+                            "rh": float(arrays["sample_rh"][r]), "rs": float(arrays["sample_rs"][r]),
+                            "rc": float(arrays["sample_rc"][r])}) + "\n")
+  return write
+
+
+def write_final(run_dir: Path, m, state, early: EarlyStopping) -> None:
+  """final/ = the best evaluated policy (run_dir/best) when evaluations ran, else the last; value/ = the last
+  value model (a reward-model-style directory: l2jax.reward.load opens it)."""
+  run_dir = Path(run_dir)
+  best = run_dir / BEST
+  if early.best_step is not None and (best / ckpt_lib.CONFIG).is_file():
+    replace_model_dir(run_dir / "final", lambda d: shutil.copytree(best, d))
+    print(f"wrote {run_dir / 'final'} (the best evaluated policy, iteration {early.best_step}, held-out Rc "
+          f"{early.best:.4f})", file=sys.stderr)
+  elif state is not None:
+    save_policy(run_dir / "final", m, state["params"]["policy"])
+    print(f"wrote {run_dir / 'final'} (the last policy)", file=sys.stderr)
+  if state is not None:
+    head = json.dumps({"kind": "value_model", "objective": "value", "init": "PPO value model",
+                       "pooling": "last non-padding token (ScalarModel); values(): every position"}, indent=2)
+    replace_model_dir(run_dir / "value", lambda d: ckpt_lib.save_model_dir(
+        d, m.value_cfg, _host(state["params"]["value"]), m.tokenizer.path, extra_files={"head.json": head + "\n"}))
+
+
+def plot(run_dir: Path) -> None:
+  """ppo.png: per-iteration Rc / whitened reward, KL, and held-out Rc and KL, from metrics.jsonl."""
+  if jax.process_index():
+    return
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+  by = lambda k: sorted({r["step"]: r[k] for r in rows if k in r and isinstance(r[k], (int, float))}.items())
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  for ax, keys, title in ((axes[0], ("rc", "rh", "rs"), "training rewards (raw logits)"),
+                          (axes[1], ("kl", "kl_k3"), "KL(pi || pi_0) per response"),
+                          (axes[2], ("eval_rc", "eval_kl"), "held-out")):
+    for k in keys:
+      xy = by(k)
+      if xy:
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="." if len(xy) < 30 else None, label=k)
+    ax.set_title(title)
+    ax.set_xlabel("iteration")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(Path(run_dir) / "ppo.png", dpi=90)
+  plt.close(fig)
