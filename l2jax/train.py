@@ -168,7 +168,8 @@ class Hook:
 
 def batch_fingerprint(batch: dict[str, np.ndarray]) -> int:
   """A cheap hash of a batch's tokens: lets tests and users check that a resumed run sees the same data."""
-  return zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
+  x = batch["tokens"] if "tokens" in batch else batch[sorted(batch)[0]]  # e.g. PPO's prompt_tokens
+  return zlib.crc32(np.ascontiguousarray(x).tobytes())
 
 
 @dataclasses.dataclass
