@@ -13,7 +13,7 @@ Resume: a killed run leaves its shard files; on restart the keys already present
 so no item is done twice and none is lost (even when the number of processes changed). A half-written last
 line (a kill mid-write) is cut off before appending. A complete `{name}.jsonl` means the phase is done.
 
-Sharding over processes: item j (in the list of items still to do) goes to process j % process_count; every
+Sharding over processes: item j (its position in `items`) goes to process j % process_count; every
 process runs `work` on its share (on its own devices) and writes its own shard; then a barrier, and process 0
 merges. Every process then reads the merged file. Needs a file system shared by the processes (the run
 directory). `work` must be deterministic per item (seed by key) for a resumed run to equal an uninterrupted one.
@@ -101,7 +101,7 @@ def run(items: Sequence[Any], *, key: Callable[[Any], str], work: Callable[[list
       return recs
   have = done_keys(out_dir, name)
   todo = [x for x, k in zip(items, keys) if k not in have]
-  mine = todo[process_index::process_count]
+  mine = [x for j, (x, k) in enumerate(zip(items, keys)) if j % process_count == process_index and k not in have]
   if log and have:
     log(f"{name}: {len(have)} of {len(items)} done before; {len(todo)} to do")
   path = shard_path(out_dir, name, process_index)
