@@ -10,11 +10,13 @@ It is written into a temporary sibling and renamed into place, so a crash never 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -33,7 +35,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
   if final.exists() and any(final.iterdir()):
     raise FileExistsError(f"{final}: output directory exists and is not empty; remove it or choose another")
   final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+  remove_stale_tmp(final)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-p{os.getpid()}-", dir=final.parent))
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the final directory gets the usual mode
@@ -45,6 +48,36 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def remove_stale_tmp(final: str | Path) -> list[Path]:
+  """Remove `.<name>.tmp-*` siblings of `final` left by killed writers: those of a dead process on this host
+  (the name carries the writer's pid, `.<name>.tmp-p<PID>-...`) and older ones without a pid."""
+  final = Path(final).absolute()
+  gone = []
+  if not final.parent.is_dir():
+    return gone
+  for p in final.parent.glob(f".{final.name}.tmp-*"):
+    tag = p.name[len(f".{final.name}.tmp-"):]
+    pid = tag[1:].split("-", 1)[0] if tag.startswith("p") else ""
+    if pid.isdigit() and _pid_alive(int(pid)):
+      continue
+    if p.is_dir():
+      shutil.rmtree(p, ignore_errors=True)
+    else:
+      p.unlink(missing_ok=True)
+    gone.append(p)
+  return gone
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def save_params(path: str | Path, params: Any) -> None:
@@ -226,6 +259,66 @@ class RunMismatch(ValueError):
   """The run directory holds checkpoints of a different experiment."""
 
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of the run directory restores; the message names the checkpoint and the file."""
+
+
+# The launcher writes RUN_DIR/config.json only once the stage has accepted the run directory: when a
+# TrainCheckpointer found no checkpoints, or its newest usable one has this run's identity.
+_ON_ACCEPT: dict[str, Callable[[], None]] = {}
+
+
+def on_run_dir_accepted(run_dir: str | Path, fn: Callable[[], None]) -> None:
+  """Call `fn()` once, when a stage accepts `run_dir` (see TrainCheckpointer.restore_latest / check_identity)."""
+  _ON_ACCEPT[str(Path(run_dir).absolute())] = fn
+
+
+def run_dir_accepted(run_dir: str | Path) -> None:
+  """The stage accepts `run_dir`: run (once) what `on_run_dir_accepted` registered for it."""
+  fn = _ON_ACCEPT.pop(str(Path(run_dir).absolute()), None)
+  if fn is not None:
+    fn()
+
+
+def forget_run_dir(run_dir: str | Path) -> None:
+  _ON_ACCEPT.pop(str(Path(run_dir).absolute()), None)
+
+
+# Files every complete training checkpoint step holds (Orbax Composite of state / data / meta).
+_STEP_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "data/metadata", "meta/metadata")
+_JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "data/metadata", "meta/metadata")
+
+
+def step_problem(step_dir: Path) -> str | None:
+  """Why the checkpoint step directory `step_dir` is incomplete ("FILE: problem"), or None if its files look whole."""
+  for name in _STEP_FILES:
+    f = step_dir / name
+    if not f.is_file():
+      return f"{f}: missing"
+    if f.stat().st_size == 0:
+      return f"{f}: empty"
+  for name in _JSON_FILES:
+    f = step_dir / name
+    try:
+      json.loads(f.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+      return f"{f}: truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+  return None
+
+
+def _restore_error(e: BaseException) -> str:
+  """One line for a failed restore: the array and file TensorStore names when it does, else the message."""
+  import re
+  x: BaseException | None = e
+  while x is not None:
+    m = re.search(r'Error reading "([^"]+)" in OCDBT database at local file "([^"]+)": ([^"\'\\]{0,160})', repr(x))
+    if m:
+      return f"array {m.group(1)} in {m.group(2)}: {m.group(3).strip()}"
+    x = x.__cause__ or x.__context__
+  msg = " ".join(str(e).split())
+  return f"{type(e).__name__}: {msg[:200]}"
+
+
 class TrainCheckpointer:
   """Orbax training checkpoints under run_dir/checkpoints: state pytree + data-iterator state + metadata.
 
@@ -247,6 +340,8 @@ class TrainCheckpointer:
     return self.mngr.latest_step()
 
   def check_identity(self, step: int) -> None:
+    """Raise RunMismatch unless checkpoint `step` was saved by this experiment; on success the run directory
+    is accepted (`on_run_dir_accepted`)."""
     meta = self.mngr.restore(step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))["meta"]
     saved = meta.get("identity", {})
     diff = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
@@ -254,9 +349,53 @@ class TrainCheckpointer:
       details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {self.identity.get(k)!r}" for k in diff)
       raise RunMismatch(f"{self.dir}: holds checkpoints of another experiment ({details}). "
                         f"Use a new --run-dir, or remove the old checkpoints.")
+    run_dir_accepted(self.dir.parent)
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, Any] | None:
+    """(step, state, data_state) of the newest checkpoint that restores completely, or None without any.
+
+    A newer checkpoint that does not restore (a missing or truncated file) is skipped with a message naming it
+    and the reason, and moved to RUN_DIR/corrupt-checkpoints/<step> so that training can write that step again.
+    If none restores, CheckpointError names the newest one and its bad file. A checkpoint of another
+    experiment raises RunMismatch (never skipped). Accepts the run directory when it returns.
+    """
+    steps = sorted(self.mngr.all_steps(), reverse=True)
+    skipped: list[tuple[int, str]] = []
+    for s in steps:
+      problem = step_problem(self.dir / str(s))
+      if problem is None:
+        try:
+          self.check_identity(s)
+          state, data_state = self.restore(s, abstract_state)
+        except RunMismatch:
+          raise
+        except Exception as e:  # Orbax / tensorstore: a truncated array file, a damaged manifest, ...
+          problem = f"{self.dir / str(s)}: does not restore ({_restore_error(e)})"
+      if problem is not None:
+        print(f"skipping checkpoint {self.dir / str(s)}: {problem}", file=sys.stderr)
+        skipped.append((s, problem))
+        continue
+      if skipped:
+        aside = self.dir.parent / "corrupt-checkpoints"
+        aside.mkdir(exist_ok=True)
+        for b, _ in skipped:
+          dest = aside / str(b)
+          if dest.exists():
+            shutil.rmtree(dest)
+          os.replace(self.dir / str(b), dest)
+        self.mngr.reload()
+        print(f"resuming from checkpoint {self.dir / str(s)}; moved the {len(skipped)} newer checkpoint(s) that "
+              f"do not restore to {aside}", file=sys.stderr)
+      return s, state, data_state
+    if skipped:
+      s, problem = skipped[0]
+      raise CheckpointError(f"no checkpoint in {self.dir} restores; the newest, step {s}: {problem}")
+    run_dir_accepted(self.dir.parent)
+    return None
 
   def save(self, step: int, state: Any, data_state: Any, *, force: bool = False) -> bool:
     ocp = self.ocp
+    run_dir_accepted(self.dir.parent)
     meta = {"step": int(step), "identity": self.identity}
     return self.mngr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),

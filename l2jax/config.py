@@ -6,7 +6,9 @@ overrides and runs `l2jax.stages.<config.stage>.run(config, run_dir)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import types
 import typing
 from typing import Any, ClassVar
@@ -18,9 +20,120 @@ class ConfigError(ValueError):
   """A config value or override is wrong; the message names the key and the valid ones."""
 
 
+# --- validation of numbers: one mechanism for every config -------------------------------------------------
+
+class ConfigRangeError(ConfigError):
+  """A number in a config is outside its field's Rule."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """The range of a numeric field: lo <= v (lo < v if lo_open), v <= hi (v < hi if hi_open), or v in `also`.
+
+  Every float must be finite; `Rule(finite=False)` allows inf/nan (never needed so far).
+  """
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  also: tuple = ()
+  finite: bool = True
+
+  def ok(self, v) -> bool:
+    if v in self.also:
+      return True
+    if isinstance(v, float) and not math.isfinite(v):
+      return not self.finite
+    if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+      return False
+    return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+  def describe(self, value=0.0) -> str:
+    parts = []
+    if self.lo is not None and self.hi is not None:
+      parts.append(f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}")
+    elif self.lo is not None:
+      parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+    elif self.hi is not None:
+      parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+    parts += [f"or {a!r}" for a in self.also]
+    kind = "an int" if isinstance(value, int) else "a finite float" if self.finite else "a float"
+    return " ".join([kind] + parts)
+
+
+ANY = Rule()                       # any finite number
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Rule(lo=0), Rule(lo=1), Rule(lo=0, lo_open=True)
+FRACTION = Rule(lo=0, hi=1)
+# Rules by field name, for every config class (and classes added later); a class's LIMITS win over these.
+NAME_RULES: dict[str, Rule] = {
+    "steps": AT_LEAST_0, "seq_len": AT_LEAST_1, "global_batch": AT_LEAST_1, "micro_batch": AT_LEAST_0,
+    "log_every": AT_LEAST_1, "seed": AT_LEAST_0, "epochs": AT_LEAST_0,
+    "lr": AT_LEAST_0, "b1": Rule(lo=0, hi=1, hi_open=True), "b2": Rule(lo=0, hi=1, hi_open=True),
+    "eps": AT_LEAST_0, "weight_decay": AT_LEAST_0, "clip": AT_LEAST_0, "decay_to": FRACTION,
+    "warmup_steps": AT_LEAST_0, "norm_eps": POSITIVE, "rope_theta": POSITIVE,
+}
+# The default for a field without a rule: ints >= 0 (counts, sizes, intervals; 0 = off), floats finite.
+DEFAULT_INT, DEFAULT_FLOAT = AT_LEAST_0, ANY
+
+
+def field_rule(cls: type, name: str, value) -> Rule:
+  """The rule for field `name` of config class `cls`: cls.LIMITS, then NAME_RULES, then by suffix
+  (*_fraction: [0, 1]), then the default for the value's type."""
+  limits = getattr(cls, "LIMITS", {})
+  if name in limits:
+    return limits[name]
+  if name in NAME_RULES:
+    return NAME_RULES[name]
+  if name.endswith("fraction"):
+    return FRACTION
+  return DEFAULT_FLOAT if isinstance(value, float) else DEFAULT_INT
+
+
+def validate(cfg, prefix: str = "") -> None:
+  """Check every number of the config tree `cfg` (ints, floats, and those inside tuples) against its Rule.
+
+  Raises ConfigError naming the dotted key, the value and the range. Runs when a stage config is built (every
+  class passed to `register` validates its whole tree in __init__, so `dataclasses.replace`, `from_dict` and
+  `--set` are covered too). A new config class opts in by being a dataclass field of a registered stage config
+  (or being registered itself); a field whose range differs from the defaults (ints >= 0, floats finite,
+  NAME_RULES, *_fraction in [0, 1]) declares it in the class: `LIMITS: ClassVar[dict[str, Rule]] = {"field":
+  Rule(lo=1)}` (`Rule(also=(-1,))` allows a sentinel, `ANY` any finite number).
+  """
+  for f in dataclasses.fields(cfg):
+    v = getattr(cfg, f.name)
+    key = prefix + f.name
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+      validate(v, key + ".")
+      continue
+    items = v if isinstance(v, tuple) else (v,)
+    for x in items:
+      if isinstance(x, bool) or not isinstance(x, (int, float)):
+        continue
+      rule = field_rule(type(cfg), f.name, x)
+      if not rule.ok(x):
+        raise ConfigRangeError(f"{key}: expected {rule.describe(x)}, found {x!r}")
+
+
+def _validating(cls: type) -> type:
+  """Make `cls(...)` run `validate` on the whole tree after the dataclass __init__ (and its __post_init__)."""
+  if getattr(cls, "_l2jax_validating", False):
+    return cls
+  init = cls.__init__
+
+  @functools.wraps(init)
+  def __init__(self, *args, **kw):
+    init(self, *args, **kw)
+    validate(self)
+
+  cls.__init__ = __init__
+  cls._l2jax_validating = True
+  return cls
+
+
 @dataclasses.dataclass(frozen=True)
 class Mesh:
   """Device mesh ("data", "fsdp", "tensor"); -1 takes the remaining devices (at most one axis)."""
+  LIMITS: ClassVar[dict] = {k: Rule(lo=1, also=(-1,)) for k in ("data", "fsdp", "tensor")}
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
@@ -70,6 +183,7 @@ class Data:
 @dataclasses.dataclass(frozen=True)
 class Checkpointing:
   """every: save every N steps (and at the end). keep: newest K kept. async_save: write in the background."""
+  LIMITS: ClassVar[dict] = {"every": AT_LEAST_1, "keep": AT_LEAST_1}
   every: int = 1000
   keep: int = 3
   async_save: bool = True
@@ -85,6 +199,7 @@ class Pretrain:
   seed: parameter init, data order. log_every / eval_every: in steps. eval_batches: batches per evaluation.
   """
   stage: ClassVar[str] = "pretrain"
+  LIMITS: ClassVar[dict] = {"steps": AT_LEAST_1}
   name: str = "pretrain"
   model: LlamaConfig = LlamaConfig()
   init: str = ""
@@ -103,12 +218,13 @@ class Pretrain:
   tensorboard: bool = True
 
 
-STAGES: dict[str, type] = {"pretrain": Pretrain}
+STAGES: dict[str, type] = {"pretrain": _validating(Pretrain)}
 
 
 def register(cls: type) -> type:
-  """Add a stage config class (its ClassVar `stage` names the module in l2jax.stages)."""
-  STAGES[cls.stage] = cls
+  """Add a stage config class (its ClassVar `stage` names the module in l2jax.stages); building one validates
+  every number in its tree (`validate`)."""
+  STAGES[cls.stage] = _validating(cls)
   return cls
 
 
@@ -196,6 +312,8 @@ def override(cfg: Any, key: str, raw: str, _prefix: str = "") -> Any:
     raise ConfigError(f"config key {full!r} is a group; set one of: {_valid_keys(tp, full + '.')}")
   try:
     return dataclasses.replace(cfg, **{head: _parse_value(raw, tp, full)})
+  except ConfigRangeError as e:
+    raise ConfigError(f"--set {full}={raw}: {e}") from None
   except ConfigError:
     raise
   except (TypeError, ValueError) as e:  # a dataclass __post_init__ rejected the value
@@ -208,7 +326,10 @@ def apply_overrides(cfg: Any, sets: list[str]) -> Any:
     if "=" not in s:
       raise ConfigError(f"--set {s!r}: expected KEY=VALUE")
     key, raw = s.split("=", 1)
-    cfg = override(cfg, key.strip(), raw)
+    try:
+      cfg = override(cfg, key.strip(), raw)
+    except ConfigRangeError as e:
+      raise ConfigError(f"--set {s}: {e}") from None
   return cfg
 
 

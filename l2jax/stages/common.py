@@ -4,7 +4,10 @@ resume, the run, evaluation hook, final model directory, and the `--check-shardi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,12 +155,11 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
   abstract_state = jax.eval_shape(lambda p: train.init_state(p, optimizer, cfg.seed), setup.abstract_params)
   ck = ckpt_lib.TrainCheckpointer(run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save,
                                identity={**identity(cfg, setup.model_cfg), **(extra_identity or {})})
-  latest = ck.latest_step()
   st_sh = train.state_shardings(abstract_state, setup.param_axes, mesh)
-  if latest is not None:
-    ck.check_identity(latest)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, st_sh)
-    state, data_state = ck.restore(latest, target)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, st_sh)
+  restored = ck.restore_latest(target)   # identity checked; falls back past checkpoints that do not restore
+  if restored is not None:
+    latest, state, data_state = restored
     train_batches.set_state(data_state)
     print(f"resumed from {ck.dir}/{latest}", file=sys.stderr)
   else:
@@ -174,17 +176,52 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
                      flops_per_token=flops_per_token or setup.model_cfg.flops_per_token(cfg.seq_len),
                      tensorboard=cfg.tensorboard, description=type(cfg).stage)
   ck.close()
-  final = run_dir / "final"
-  if result.status == "done" and not (final / ckpt_lib.CONFIG).exists():
-    params = result.state["params"]
-    if jax.process_count() == 1:
-      params = jax.device_get(params)
-    if save_final is not None:
-      save_final(final, params)
-    else:
-      ckpt_lib.save_model_dir(final, setup.model_cfg, params, setup.tokenizer.path)
-    print(f"wrote {final}", file=sys.stderr)
+  if result.status == "done":
+    write_final(run_dir, result.step, result.state["params"],
+                save_final or (lambda d, p: ckpt_lib.save_model_dir(d, setup.model_cfg, p, setup.tokenizer.path)))
   return result
+
+
+FINAL_STEP = "final_step.json"
+
+
+def final_step(run_dir: Path) -> int | None:
+  """The training step run_dir/final holds (from final/final_step.json), or None when final/ is missing."""
+  final = Path(run_dir) / "final"
+  if not (final / ckpt_lib.CONFIG).is_file():
+    return None
+  try:
+    return int(json.loads((final / FINAL_STEP).read_text())["step"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return -1   # written before final_step.json existed: unknown, so rewritten
+
+
+def write_final(run_dir: Path, step: int, params, save_final) -> bool:
+  """Make run_dir/final the model of training step `step` unless it already is: `save_final(dir, params)` builds
+  the new one in a hidden sibling, which then replaces final/ (the old one is renamed aside, then removed), so
+  final/ is always a complete model directory, and after a finished run always the last step's. Returns
+  whether it wrote."""
+  run_dir = Path(run_dir)
+  final = run_dir / "final"
+  if final_step(run_dir) == step:
+    return False
+  if jax.process_count() == 1:
+    params = jax.device_get(params)
+  lead = jax.process_index() == 0
+  new = run_dir / ".final.tmp-new"   # the same name on every process of a multi-host run
+  if jax.process_count() == 1 and new.exists():
+    shutil.rmtree(new)
+  save_final(new, params)
+  if lead:
+    (new / FINAL_STEP).write_text(json.dumps({"step": int(step)}) + "\n")
+    old = run_dir / ".final.tmp-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+      os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"wrote {final} (step {step})", file=sys.stderr)
+  return True
 
 
 def sharding_report(cfg, setup: Setup, loss_fn, it, steps: int = 3) -> dict:
