@@ -41,6 +41,23 @@ def fit_dialog(tok: Tokenizer, system: str | None, history: Sequence[tuple[str, 
   return ids, dropped
 
 
+def read_line(stdin, what: str) -> str:
+  """The next line of `stdin` ("" at the end); ValueError naming `what` and the byte when it is not UTF-8.
+
+  Decodes each line's bytes itself where it can (a text stream decodes whole chunks ahead, so its error could
+  not name the line; and a surrogateescape stream, as in the C locale, would pass the bad bytes on).
+  """
+  from l2jax.sample import check_text
+  buf = getattr(stdin, "buffer", None)
+  if buf is None:
+    return check_text(stdin.readline(), what)
+  raw = buf.readline()
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{what}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m l2jax.chat", description="Chat with a checkpoint (Llama 2 format).")
   ap.add_argument("--ckpt", required=True, help="l2jax checkpoint directory (params/, config.json, tokenizer.model)")
@@ -53,8 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
   args = ap.parse_args(argv)
 
-  from l2jax.sample import load_sampler
-  try:
+  from l2jax.sample import check_sampling, check_text, load_sampler
+  try:  # the arguments first, before minutes of loading
+    check_sampling(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+    if args.system is not None:
+      check_text(args.system, "--system")
     sampler = load_sampler(args.ckpt, dtype=args.dtype)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -63,11 +83,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   budget = ctx - min(args.max_new_tokens, ctx // 2)  # leave room for the answer
   interactive = sys.stdin.isatty()
   history: list[tuple[str, str]] = []
-  turn = 0
+  turn = lineno = 0
   while True:
     if interactive:
       print(USER_PROMPT, end="", flush=True)
-    line = sys.stdin.readline()
+    lineno += 1
+    try:
+      line = read_line(sys.stdin, f"stdin line {lineno}")
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
     if not line or line.strip() == "/exit":
       break
     user = line.strip()

@@ -78,6 +78,11 @@ class RewardModel:
       raise ValueError(f"score: {len(dialogs)} dialogs but {len(responses)} responses")
     rows = []
     for i, (d, r) in enumerate(zip(dialogs, responses)):
+      if not isinstance(r, str):
+        raise ValueError(f"score: response {i}: expected a string, found {type(r).__name__} {r!r:.40}")
+      if not isinstance(d, (str, list, tuple)):
+        raise ValueError(f"score: dialog {i}: expected a user message string or a list of messages, found "
+                         f"{type(d).__name__} {d!r:.40}")
       msgs = [{"role": "user", "content": d}] if isinstance(d, str) else list(d)
       try:
         rows += encode_responses(self.tokenizer, msgs, [r], self.seq_len)

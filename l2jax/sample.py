@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import sys
 import time
 from typing import Any, NamedTuple, Sequence
@@ -244,6 +245,41 @@ def _row_keys(seeds_b: jax.Array, index_b: jax.Array) -> jax.Array:
   return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_b, index_b)
 
 
+def check_sampling(temperature: float, top_p: float = 1.0, top_k: int = 0,
+                   max_new_tokens: int | None = None) -> None:
+  """ValueError naming the first setting that makes no sense: temperature must be finite and >= 0 (0 is
+  greedy), top_p in (0, 1], top_k an int >= 0 (0 keeps all), max_new_tokens (when given) an int >= 1.
+  One check for Sampler.generate and the sample / chat command lines (which run it before loading a model)."""
+  def real(v):
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+  def whole(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  if not (real(temperature) and math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature: expected a finite number >= 0 (0 is greedy), found {temperature!r}")
+  if not (real(top_p) and 0.0 < top_p <= 1.0):  # NaN fails both comparisons
+    raise ValueError(f"top_p: expected a number in (0, 1], found {top_p!r}")
+  if not (whole(top_k) and top_k >= 0):
+    raise ValueError(f"top_k: expected an int >= 0 (0 keeps all tokens), found {top_k!r}")
+  if max_new_tokens is not None and not (whole(max_new_tokens) and max_new_tokens >= 1):
+    raise ValueError(f"max_new_tokens: expected a positive int, found {max_new_tokens!r}")
+
+
+def check_text(text: str, what: str) -> str:
+  """`text` if it is valid Unicode; ValueError naming `what` and the first undecodable byte otherwise.
+
+  Command-line arguments and stdin that are not valid UTF-8 reach Python as lone surrogates
+  (surrogateescape: byte 0xNN becomes U+DCNN), which the tokenizer cannot encode.
+  """
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    ch = ord(text[e.start])
+    byte = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"code point U+{ch:04X}"
+    raise ValueError(f"{what}: not valid UTF-8 ({byte} at character {e.start})") from None
+  return text
+
+
 class Sampler:
   """Batched generation with an l2jax Llama.
 
@@ -293,8 +329,6 @@ class Sampler:
     if isinstance(prompts, (str, bytes)) or not len(prompts):
       raise ValueError(f"prompts: expected a non-empty list of token-id lists, found {type(prompts).__name__} "
                        f"{prompts!r:.60}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens: expected a positive int, found {max_new_tokens!r}")
     out = []
     for i, p in enumerate(prompts):
       p = [int(t) for t in p]
@@ -313,10 +347,8 @@ class Sampler:
                stop_ids: Sequence[int] = (), return_logits: bool = False) -> SampleOutput:
     """Generate up to `max_new_tokens` tokens after each prompt (token-id lists of different lengths)."""
     cfg = self.cfg
+    check_sampling(temperature, top_p, top_k, max_new_tokens)
     prompts = self._check(prompts, max_new_tokens)
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-      raise ValueError(f"expected temperature >= 0, 0 < top_p <= 1, top_k >= 0; found "
-                       f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
     B = len(prompts)
     lens = np.array([len(p) for p in prompts], np.int32)
     limits = np.minimum(max_new_tokens, cfg.max_seq_len - lens).astype(np.int32)
@@ -364,7 +396,7 @@ class Sampler:
       raise ValueError("Sampler.complete needs a tokenizer: Sampler(model, tokenizer=Tokenizer(path))")
     if isinstance(texts, str):
       raise ValueError("complete: expected a list of strings, found one string; wrap it in a list")
-    prompts = [self.tokenizer.encode(t, bos=True) for t in texts]
+    prompts = [self.tokenizer.encode(check_text(t, f"text {i}"), bos=True) for i, t in enumerate(texts)]
     out = self.generate(prompts, max_new_tokens, **kw)
     return [self.decode_new(p, out.tokens[i, :out.lengths[i]]) for i, p in enumerate(prompts)]
 
@@ -405,9 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                  help="compute and weight dtype for sampling (default: the checkpoint config's dtype)")
+                  help="compute and weight dtype for sampling (default: the checkpoint config's dtype, which "
+                       "converters set to the stored weights' dtype)")
   args = ap.parse_args(argv)
-  try:
+  try:  # the arguments first, before minutes of loading
+    check_sampling(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+    for i, p in enumerate(args.prompt):
+      check_text(p, f"--prompt {i + 1}" if len(args.prompt) > 1 else "--prompt")
     sampler = load_sampler(args.ckpt, dtype=args.dtype)
     t0 = time.perf_counter()
     texts = sampler.complete(args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -67,7 +67,7 @@ def test_half_precision_sources_keep_their_bits(tmp_path, to_l2jax, to_hf, dtype
   model.save_pretrained(tmp_path / "hf")
   assert to_l2jax([str(tmp_path / "hf"), str(tmp_path / "l2")]) == 0
   cfg = json.loads((tmp_path / "l2" / "config.json").read_text())
-  assert cfg["param_dtype"] == dtype and cfg["dtype"] == "bfloat16"
+  assert cfg["param_dtype"] == dtype and cfg["dtype"] == dtype  # compute dtype follows the stored dtype
   ids = H.random_ids(model.config.vocab_size)
   # The stored half-precision weights upcast exactly, so fp32 compute matches HF's fp32 run of them
   # (loaded fresh: `model.float()` would keep a half-precision-rounded rotary inv_freq buffer).

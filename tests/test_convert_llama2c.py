@@ -33,7 +33,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(ckpt):
   import l2jax
-  return l2jax.load(ckpt, dtype="float32")
+  return l2jax.load(ckpt)  # no dtype: the converted config computes in float32, as run.c does
 
 
 def _logits(model, ids):

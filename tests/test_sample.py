@@ -290,7 +290,7 @@ def runc():
 
 def test_stories260k_greedy_matches_llama2c_api(stories_ckpt, runc):
   from l2jax.sample import load_sampler
-  s = load_sampler(str(stories_ckpt), dtype="float32")
+  s = load_sampler(str(stories_ckpt))  # no dtype: float32 from the converted config.json
   want = runc["greedy_200_empty_prompt"]
   short = runc["greedy_64_prompt_once_upon_a_time"]
   n_short = len(short["sequence_ids"]) - len(short["prompt_ids"])
@@ -303,7 +303,7 @@ def test_stories260k_greedy_matches_llama2c_api(stories_ckpt, runc):
 
 def test_stories260k_greedy_matches_llama2c_cli(stories_ckpt, runc):
   r = subprocess.run([sys.executable, "-m", "l2jax.sample", "--ckpt", str(stories_ckpt), "--prompt", "",
-                      "--max-new-tokens", "200", "--temperature", "0", "--dtype", "float32"],
+                      "--max-new-tokens", "200", "--temperature", "0"],  # no --dtype: the default reproduces run.c
                      env=ENV, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout == runc["greedy_200_empty_prompt"]["text"] + "\n"

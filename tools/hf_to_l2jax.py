@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a Hugging Face Llama checkpoint (safetensors, single or sharded) into an l2jax model directory.
 
-  python tools/hf_to_l2jax.py HF_DIR CKPT_DIR [--tokenizer PATH] [--dtype bfloat16] [--compute-dtype bfloat16]
+  python tools/hf_to_l2jax.py HF_DIR CKPT_DIR [--tokenizer PATH] [--dtype bfloat16] [--compute-dtype DTYPE]
 """
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="output l2jax model directory (must not exist or be empty)")
   p.add_argument("--tokenizer", help="SentencePiece tokenizer.model to include (default: HF_DIR/tokenizer.model)")
   p.add_argument("--dtype", choices=DTYPES, help="stored parameter dtype (default: the checkpoint's)")
-  p.add_argument("--compute-dtype", choices=DTYPES, default="bfloat16", help="config dtype for activations")
+  p.add_argument("--compute-dtype", choices=DTYPES,
+                 help="config dtype for activations (default: the stored parameter dtype, so a float32 "
+                      "checkpoint reproduces its float32 reference)")
   a = p.parse_args(argv)
   from l2jax.convert import ConversionError
   from l2jax.convert.hf import hf_to_l2jax
   try:
     out = hf_to_l2jax(a.hf_dir, a.ckpt_dir, tokenizer=a.tokenizer, dtype=a.dtype, compute_dtype=a.compute_dtype)
-  except (ConversionError, FileNotFoundError, FileExistsError) as e:
+  except (ConversionError, OSError) as e:  # OSError: unreadable input, full or read-only output
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out}")

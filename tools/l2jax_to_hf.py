@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
   from l2jax.convert.hf import l2jax_to_hf
   try:
     out = l2jax_to_hf(a.ckpt_dir, a.hf_dir, dtype=a.dtype, max_shard_size=a.max_shard_size)
-  except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+  except (ConversionError, OSError, ValueError) as e:  # OSError: unreadable input, full or read-only output
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out}")

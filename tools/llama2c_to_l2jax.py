@@ -21,13 +21,15 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("tokenizer", metavar="TOKENIZER.model", help="its SentencePiece model (e.g. tok512.model)")
   p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="output l2jax model directory (must not exist or be empty)")
   p.add_argument("--dtype", choices=DTYPES, default="float32", help="stored parameter dtype (file is float32)")
-  p.add_argument("--compute-dtype", choices=DTYPES, default="bfloat16", help="config dtype for activations")
+  p.add_argument("--compute-dtype", choices=DTYPES,
+                 help="config dtype for activations (default: the stored parameter dtype, so a float32 "
+                      "checkpoint reproduces its float32 reference)")
   a = p.parse_args(argv)
   from l2jax.convert import ConversionError
   from l2jax.convert.llama2c import llama2c_to_l2jax
   try:
     out = llama2c_to_l2jax(a.model_bin, a.tokenizer, a.ckpt_dir, dtype=a.dtype, compute_dtype=a.compute_dtype)
-  except (ConversionError, FileNotFoundError, FileExistsError) as e:
+  except (ConversionError, OSError) as e:  # OSError: unreadable input, full or read-only output
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out}")

@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="output l2jax model directory (must not exist or be empty)")
   p.add_argument("--tokenizer", help="tokenizer.model to include (default: META_DIR/ or its parent's tokenizer.model)")
   p.add_argument("--dtype", choices=DTYPES, help="stored parameter dtype (default: the checkpoint's)")
-  p.add_argument("--compute-dtype", choices=DTYPES, default="bfloat16", help="config dtype for activations")
+  p.add_argument("--compute-dtype", choices=DTYPES,
+                 help="config dtype for activations (default: the stored parameter dtype, so a float32 "
+                      "checkpoint reproduces its float32 reference)")
   p.add_argument("--max-seq-len", type=int, default=4096, help="context length (not in params.json; Llama 2: 4096)")
   a = p.parse_args(argv)
   from l2jax.convert import ConversionError
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     out = meta_to_l2jax(a.meta_dir, a.ckpt_dir, tokenizer=a.tokenizer, dtype=a.dtype,
                         compute_dtype=a.compute_dtype, max_seq_len=a.max_seq_len)
-  except (ConversionError, FileNotFoundError, FileExistsError) as e:
+  except (ConversionError, OSError) as e:  # OSError: unreadable input, full or read-only output
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out}")

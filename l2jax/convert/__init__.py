@@ -11,7 +11,13 @@ converting holds about one stacked parameter, not the model), dtype names, and t
 """
 from __future__ import annotations
 
+import contextlib
+import errno as errno_lib
 import functools
+import math
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -38,6 +44,33 @@ def dtype_name(dt) -> str:
     if np.dtype(dt) == d:
       return name
   raise ConversionError(f"unsupported dtype {dt}; expected one of {sorted(NP_DTYPES)}")
+
+
+def compute_dtype_for(param_dtype: str, compute_dtype: str | None) -> str:
+  """The compute dtype recorded in a converted checkpoint's config.json: `compute_dtype` when asked, else the
+  stored parameter dtype (as transformers' dtype="auto"), so a float32 checkpoint reproduces its float32
+  reference (HF, run.c) with no flag. float16 weights compute in float16, as transformers' "auto" and Meta's
+  generation.py do; pass compute_dtype="bfloat16" where float16 is slow (TPU) or its range is too small."""
+  return check_dtype(param_dtype if compute_dtype is None else compute_dtype, "compute dtype")
+
+
+def positive_int(d: dict, key: str, where: str, default=None) -> int:
+  """d[key] (or `default` when absent) checked to be a positive int; ConversionError naming file and key."""
+  v = d.get(key, default)
+  if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+    raise ConversionError(f"{where}: {key!r} must be a positive integer, found {v!r}")
+  return v
+
+
+def positive_number(d: dict, key: str, where: str, default: float | None = None,
+                    optional: bool = False) -> float | None:
+  """float(d[key]) (or `default` when absent) checked to be a finite number > 0; None allowed if `optional`."""
+  v = d.get(key, default)
+  if v is None and optional:
+    return None
+  if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+    raise ConversionError(f"{where}: {key!r} must be a positive number, found {v!r}")
+  return float(v)
 
 
 def check_dtype(name: str, what: str = "dtype") -> str:
@@ -211,6 +244,45 @@ def check_tokenizer_vocab(tokenizer: Path | None, cfg: LlamaConfig) -> None:
                           f"{cfg.vocab_size}")
 
 
+class OutputError(OSError):
+  """The output could not be written (disk full, read-only, permissions); the message names the output path."""
+
+
+_OS_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+@contextlib.contextmanager
+def writing(out_dir: str | Path, what: str = "output"):
+  """Around the writing of `out_dir`: an OSError (or what Orbax / tensorstore raise for one: a ValueError
+  carrying `os_error_code`) becomes one OutputError naming `out_dir`, and parent directories this block
+  created are removed again, so a failed conversion leaves nothing behind (atomic_dir removes its own
+  temporary directory)."""
+  import logging
+  out = Path(out_dir).absolute()
+  first_new = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.CRITICAL)  # Orbax logs each failed background write with a traceback; we report once
+  try:
+    yield
+  except Exception as e:
+    if first_new is not None and first_new.is_dir() and all(p.is_dir() for p in first_new.rglob("*")):
+      shutil.rmtree(first_new, ignore_errors=True)  # only directories this block created, and empty ones
+    m = _OS_CODE.search(str(e)) if isinstance(e, ValueError) and not isinstance(e, ConversionError) else None
+    if isinstance(e, FileExistsError) or not (isinstance(e, OSError) or m):
+      raise
+    code = e.errno if isinstance(e, OSError) else int(m.group(1))
+    if code:
+      reason = f"{os.strerror(code)} (errno {errno_lib.errorcode.get(code, code)})"
+    else:
+      reason = str(e)
+    err = OutputError(f"{out_dir}: cannot write the {what}: {reason}")
+    err.errno = code
+    raise err from None
+  finally:
+    absl_log.setLevel(level)
+
+
 def save(out_dir: str | Path, cfg: LlamaConfig, params: dict, tokenizer: Path | None) -> Path:
   """Write the l2jax model directory atomically (no partial directory on failure).
 
@@ -229,4 +301,5 @@ def save(out_dir: str | Path, cfg: LlamaConfig, params: dict, tokenizer: Path | 
       return lambda: jax.device_put(v(), cpu)
     return jax.device_put(v, cpu)
   params = jax.tree.map(on_cpu, params)
-  return checkpoint.save_model_dir(out_dir, cfg, params, tokenizer)
+  with writing(out_dir, "l2jax checkpoint"):
+    return checkpoint.save_model_dir(out_dir, cfg, params, tokenizer)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from l2jax.convert import (BLOCK_NAMES, NP_DTYPES, ConversionError, ParamPlan, check_dtype, check_out_dir,
-                           check_tokenizer_vocab, dtype_name, find_tokenizer, l2jax_to_meta, meta_shapes, save)
+                           check_tokenizer_vocab, compute_dtype_for, dtype_name, find_tokenizer, l2jax_to_meta,
+                           meta_shapes, positive_int, positive_number, save, writing)
 from l2jax.model.config import LlamaConfig, read_json
 
 ST_DTYPES = {"F32": NP_DTYPES["float32"], "BF16": NP_DTYPES["bfloat16"], "F16": NP_DTYPES["float16"]}
@@ -149,7 +150,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, np.dtype, tuple[int, ..
       arr = np.ascontiguousarray(produce(key), dtype=dt)
       if arr.shape != tuple(shape):
         raise ConversionError(f"{path}: tensor {key!r}: expected shape {tuple(shape)}, produced {arr.shape}")
-      arr.reshape(-1).view(np.uint8).tofile(f)
+      f.write(arr.reshape(-1).view(np.uint8))  # not ndarray.tofile: a full disk must raise OSError(ENOSPC)
 
 
 # ---- config.json ----
@@ -171,21 +172,25 @@ def config_from_hf(d: dict, where: str, **fields) -> LlamaConfig:
   if d.get("rope_scaling") is not None:
     raise ConversionError(f"{where}: rope_scaling={d['rope_scaling']!r} is not supported; expected null")
   rope = d.get("rope_parameters") or {}
+  if not isinstance(rope, dict):
+    raise ConversionError(f"{where}: rope_parameters must be an object or null, found {type(rope).__name__}")
   if rope.get("rope_type", "default") != "default":
     raise ConversionError(f"{where}: rope_parameters.rope_type={rope['rope_type']!r} is not supported; "
                           "expected 'default'")
-  theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
-  dim, heads = need("hidden_size"), need("num_attention_heads")
-  head_dim = d.get("head_dim")
+  theta = positive_number({"rope_theta": d.get("rope_theta", rope.get("rope_theta", 10000.0))}, "rope_theta", where)
+  sizes = {k: positive_int(d, k, where, need(k)) for k in ("hidden_size", "num_attention_heads", "vocab_size",
+                                                            "num_hidden_layers", "intermediate_size")}
+  dim, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+  head_dim = positive_int(d, "head_dim", where) if d.get("head_dim") is not None else None
   if head_dim is not None and heads * head_dim != dim:
     raise ConversionError(f"{where}: head_dim={head_dim} with num_attention_heads={heads}; expected "
-                          f"hidden_size / num_attention_heads = {dim // heads}")
-  kv = d.get("num_key_value_heads")
+                          f"hidden_size / num_attention_heads = {dim / heads:g}")
+  kv = positive_int(d, "num_key_value_heads", where) if d.get("num_key_value_heads") is not None else heads
   try:
-    return LlamaConfig(vocab_size=need("vocab_size"), dim=dim, n_layers=need("num_hidden_layers"),
-                       n_heads=heads, n_kv_heads=heads if kv is None else kv, ffn_dim=need("intermediate_size"),
-                       max_seq_len=d.get("max_position_embeddings", 2048),
-                       norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), **fields)
+    return LlamaConfig(vocab_size=sizes["vocab_size"], dim=dim, n_layers=sizes["num_hidden_layers"],
+                       n_heads=heads, n_kv_heads=kv, ffn_dim=sizes["intermediate_size"],
+                       max_seq_len=positive_int(d, "max_position_embeddings", where, 2048),
+                       norm_eps=positive_number(d, "rms_norm_eps", where, 1e-6), rope_theta=theta, **fields)
   except ValueError as e:
     raise ConversionError(f"{where}: {e}") from None
 
@@ -231,10 +236,11 @@ def _shard_files(hf_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
 
 
 def hf_to_l2jax(hf_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
-                dtype: str | None = None, compute_dtype: str = "bfloat16") -> Path:
+                dtype: str | None = None, compute_dtype: str | None = None) -> Path:
   """Convert an HF Llama safetensors checkpoint into an l2jax model directory; returns `out_dir`.
 
-  dtype: stored parameter dtype (default: the checkpoint's, float32 if mixed). compute_dtype: config.dtype.
+  dtype: stored parameter dtype (default: the checkpoint's, float32 if mixed). compute_dtype: config.dtype
+  (default: the stored dtype, see `compute_dtype_for`).
   """
   hf_dir = Path(hf_dir)
   check_out_dir(out_dir)
@@ -253,7 +259,7 @@ def hf_to_l2jax(hf_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Pat
   if dtype is None:
     dtype = dtype_name(src_dtypes.pop()) if len(src_dtypes) == 1 else "float32"
   check_dtype(dtype)
-  cfg = config_from_hf(hf_cfg, str(cfg_path), dtype=compute_dtype, param_dtype=dtype)
+  cfg = config_from_hf(hf_cfg, str(cfg_path), dtype=compute_dtype_for(dtype, compute_dtype), param_dtype=dtype)
   tok = find_tokenizer(tokenizer, hf_dir / "tokenizer.model")
   check_tokenizer_vocab(tok, cfg)
 
@@ -336,7 +342,7 @@ def l2jax_to_hf(ckpt_dir: str | Path, hf_dir: str | Path, *, dtype: str | None =
     cur_bytes += nbytes
   shards.append(cur)
 
-  with checkpoint.atomic_dir(hf_dir) as tmp:
+  with writing(hf_dir, "Hugging Face checkpoint"), checkpoint.atomic_dir(hf_dir) as tmp:
     names = [SINGLE] if len(shards) == 1 else [
         f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))]
     weight_map = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from l2jax.convert import (NP_DTYPES, ConversionError, ParamPlan, check_dtype, check_out_dir,
-                           check_tokenizer_vocab, save)
+                           check_tokenizer_vocab, compute_dtype_for, save)
 from l2jax.model.config import LlamaConfig
 
 HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
@@ -67,8 +67,12 @@ def _read_f32(path: Path, offset: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def llama2c_to_l2jax(model_bin: str | Path, tokenizer: str | Path, out_dir: str | Path, *,
-                     dtype: str = "float32", compute_dtype: str = "bfloat16") -> Path:
-  """Convert a llama2.c legacy .bin (+ SentencePiece tokenizer) into an l2jax model directory."""
+                     dtype: str = "float32", compute_dtype: str | None = None) -> Path:
+  """Convert a llama2.c legacy .bin (+ SentencePiece tokenizer) into an l2jax model directory.
+
+  dtype: stored parameter dtype (the file is float32). compute_dtype: config.dtype (default: `dtype`, so the
+  float32 file computes in float32 and reproduces run.c).
+  """
   path = Path(model_bin)
   check_out_dir(out_dir)
   check_dtype(dtype)
@@ -87,7 +91,8 @@ def llama2c_to_l2jax(model_bin: str | Path, tokenizer: str | Path, out_dir: str 
   try:
     cfg = LlamaConfig(vocab_size=abs(h["vocab_size"]), dim=h["dim"], n_layers=h["n_layers"], n_heads=h["n_heads"],
                       n_kv_heads=h["n_kv_heads"], ffn_dim=h["hidden_dim"], max_seq_len=h["seq_len"],
-                      norm_eps=1e-5, rope_theta=10000.0, dtype=compute_dtype, param_dtype=dtype)
+                      norm_eps=1e-5, rope_theta=10000.0, dtype=compute_dtype_for(dtype, compute_dtype),
+                      param_dtype=dtype)
   except ValueError as e:
     raise ConversionError(f"{path}: header {h}: {e}") from None
   check_tokenizer_vocab(tok, cfg)

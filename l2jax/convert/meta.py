@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from l2jax.convert import (NP_DTYPES, ConversionError, ParamPlan, check_dtype, check_out_dir,
-                           check_tokenizer_vocab, ffn_dim_meta, find_tokenizer, meta_shapes, save)
+                           check_tokenizer_vocab, compute_dtype_for, ffn_dim_meta, find_tokenizer, meta_shapes,
+                           positive_int, positive_number, save)
 from l2jax.model.config import LlamaConfig, read_json
 
 TOP_KEYS = {"tok_embeddings.weight": "embed", "norm.weight": "norm", "output.weight": "lm_head"}
@@ -72,13 +73,16 @@ def config_from_params(d: dict, where: str, vocab_size: int, max_seq_len: int, *
   v = d.get("vocab_size", -1)
   if v not in (-1, None) and v != vocab_size:
     raise ConversionError(f"{where}: vocab_size={v} but tok_embeddings.weight has {vocab_size} rows")
+  dim, n_layers, n_heads, multiple_of = (positive_int(d, k, where) for k in ("dim", "n_layers", "n_heads",
+                                                                            "multiple_of"))
+  n_kv = positive_int(d, "n_kv_heads", where) if d.get("n_kv_heads") is not None else n_heads
+  mult = positive_number(d, "ffn_dim_multiplier", where, optional=True)
   try:
     return LlamaConfig(
-        vocab_size=vocab_size, dim=d["dim"], n_layers=d["n_layers"], n_heads=d["n_heads"],
-        n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
-        ffn_dim=ffn_dim_meta(d["dim"], d["multiple_of"], d.get("ffn_dim_multiplier")),
-        max_seq_len=max_seq_len, norm_eps=float(d.get("norm_eps", 1e-5)),
-        rope_theta=float(d.get("rope_theta") or 10000.0), **fields)
+        vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+        ffn_dim=ffn_dim_meta(dim, multiple_of, mult), max_seq_len=max_seq_len,
+        norm_eps=positive_number(d, "norm_eps", where, 1e-5),
+        rope_theta=positive_number(d, "rope_theta", where, 10000.0, optional=True) or 10000.0, **fields)
   except ValueError as e:
     raise ConversionError(f"{where}: {e}") from None
 
@@ -139,10 +143,11 @@ def _merged(sources: _Shards, key: str, split: int | None, where: str) -> np.nda
 
 
 def meta_to_l2jax(meta_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
-                  dtype: str | None = None, compute_dtype: str = "bfloat16", max_seq_len: int = 4096) -> Path:
+                  dtype: str | None = None, compute_dtype: str | None = None, max_seq_len: int = 4096) -> Path:
   """Convert a Meta Llama 2 checkpoint directory into an l2jax model directory; returns `out_dir`.
 
-  dtype: stored parameter dtype (default: the checkpoint's). max_seq_len: not in params.json; Llama 2 used 4096.
+  dtype: stored parameter dtype (default: the checkpoint's). compute_dtype: config.dtype (default: the stored
+  dtype, see `compute_dtype_for`). max_seq_len: not in params.json; Llama 2 used 4096.
   """
   import torch
   TORCH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # noqa: N806
@@ -169,7 +174,8 @@ def meta_to_l2jax(meta_dir: str | Path, out_dir: str | Path, *, tokenizer: str |
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dts.pop()) \
         if len(dts) == 1 else "float32"
   check_dtype(dtype)
-  cfg = config_from_params(pj, str(params_path), vocab, max_seq_len, dtype=compute_dtype, param_dtype=dtype)
+  cfg = config_from_params(pj, str(params_path), vocab, max_seq_len, dtype=compute_dtype_for(dtype, compute_dtype),
+                           param_dtype=dtype)
   tok = find_tokenizer(tokenizer, meta_dir / "tokenizer.model", meta_dir.parent / "tokenizer.model")
   check_tokenizer_vocab(tok, cfg)
 

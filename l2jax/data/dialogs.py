@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -107,6 +108,9 @@ class _JsonlDialogs(_SpanSource):
       raise RecordError(self.where(i), f"not valid UTF-8 ({e.reason})") from None
     except json.JSONDecodeError as e:
       raise RecordError(self.where(i), f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # Python's json recurses per level: e.g. an OpenAssistant tree thousands of turns deep
+      raise RecordError(self.where(i), f"JSON nested too deeply to read (more than about "
+                                       f"{sys.getrecursionlimit()} levels)") from None
     try:
       if not isinstance(obj, dict):
         raise _Problem(f"expected a JSON object, found {type(obj).__name__}")
@@ -157,7 +161,10 @@ def _oasst_usable(node: Any) -> bool:
 
 
 def oasst_best_path(tree: dict) -> list[dict]:
-  """The dialog along the best-ranked replies of an OpenAssistant message tree (see the module docstring)."""
+  """The dialog along the best-ranked replies of an OpenAssistant message tree (see the module docstring).
+
+  A loop, not a recursion: a tree any number of turns deep is walked without RecursionError.
+  """
   node = tree.get("prompt") if isinstance(tree, dict) else None
   if not isinstance(node, dict):
     raise _Problem("expected an OpenAssistant message tree with a 'prompt' node")

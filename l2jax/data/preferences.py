@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -91,6 +92,8 @@ def _json_object(line: str) -> dict:
     obj = json.loads(line)
   except json.JSONDecodeError as e:
     raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+  except RecursionError:  # Python's json recurses per level: e.g. an OpenAssistant tree thousands of turns deep
+    raise ValueError(f"JSON nested too deeply to read (more than about {sys.getrecursionlimit()} levels)") from None
   if not isinstance(obj, dict):
     raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
   return obj
@@ -178,17 +181,23 @@ def _bad(where: str, e: Exception, errors: list[str] | None) -> None:
   errors.append(f"{where}: {e}")
 
 
-def read_oasst(path: str | Path, errors: list[str] | None = None) -> list[Pair]:
-  """Pairs of ranked sibling replies in OpenAssistant message trees (one tree per line)."""
-  path = Path(path)
-  out: list[Pair] = []
-  roles = {"prompter": "user", "assistant": "assistant"}
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 
-  def walk(msg: dict, path_msgs: tuple[tuple[str, str], ...], where: str):
-    if not isinstance(msg, dict) or not isinstance(msg.get("text"), str) or msg.get("role") not in roles:
+
+def oasst_tree_pairs(root: dict, where: str) -> list[Pair]:
+  """Pairs of ranked sibling replies in one OpenAssistant message tree (`root`: its prompt message).
+
+  Depth-first, each message's pairs before its replies', in file order; a loop with an explicit stack, not a
+  recursion, so a tree any number of turns deep is walked without RecursionError. ValueError names what is wrong.
+  """
+  out: list[Pair] = []
+  stack: list[tuple[Any, tuple[tuple[str, str], ...]]] = [(root, ())]  # (message, the dialog before it)
+  while stack:
+    msg, path_msgs = stack.pop()
+    if not isinstance(msg, dict) or not isinstance(msg.get("text"), str) or msg.get("role") not in OASST_ROLES:
       raise ValueError(f"a message needs a string 'text' and role prompter|assistant, found "
                        f"{ {k: msg.get(k) for k in ('role', 'text')} if isinstance(msg, dict) else msg!r}")
-    here = path_msgs + ((roles[msg["role"]], msg["text"].strip()),)
+    here = path_msgs + ((OASST_ROLES[msg["role"]], msg["text"].strip()),)
     replies = msg.get("replies", [])
     if not isinstance(replies, list):
       raise ValueError(f"'replies' is {type(replies).__name__}, expected a list")
@@ -207,10 +216,14 @@ def read_oasst(path: str | Path, errors: list[str] | None = None) -> list[Pair]:
                              f"{better['rank']}")
           out.append(Pair(here, better["text"].strip(), worse["text"].strip(), OASST_GAP_RATING.get(gap, 0),
                           where=where))
-    for m in replies:
-      if not (isinstance(m, dict) and m.get("deleted")):
-        walk(m, here, where)
+    stack += [(m, here) for m in reversed(replies) if not (isinstance(m, dict) and m.get("deleted"))]
+  return out
 
+
+def read_oasst(path: str | Path, errors: list[str] | None = None) -> list[Pair]:
+  """Pairs of ranked sibling replies in OpenAssistant message trees (one tree per line; `oasst_tree_pairs`)."""
+  path = Path(path)
+  out: list[Pair] = []
   for lineno, line in _lines(path):
     where = f"{path}:{lineno}"
     try:
@@ -219,8 +232,8 @@ def read_oasst(path: str | Path, errors: list[str] | None = None) -> list[Pair]:
         raise ValueError(f"missing field 'prompt' (keys: {sorted(obj)[:8]})")
       if not isinstance(obj["prompt"], dict) or obj["prompt"].get("role") != "prompter":
         raise ValueError("'prompt' must be a message with role 'prompter'")
-      walk(obj["prompt"], (), where)
-    except (ValueError, RecursionError) as e:
+      out += oasst_tree_pairs(obj["prompt"], where)
+    except ValueError as e:
       _bad(where, e, errors)
   return out
 
@@ -300,6 +313,16 @@ def safety_filter(pairs: Sequence[Pair]) -> tuple[list[Pair], int]:
   other response safe" are not included. Pairs with a missing label are kept.
   """
   kept = [p for p in pairs if not (p.chosen_safe is False and p.rejected_safe is True)]
+  return kept, len(pairs) - len(kept)
+
+
+def drop_identical(pairs: Sequence[Pair]) -> tuple[list[Pair], int]:
+  """(kept, number dropped): drop pairs whose chosen and rejected answers are the same text.
+
+  Such a pair says nothing about which answer is better: its ranking loss is the constant -log sigmoid(-m) whatever
+  the model does, and its accuracy is a coin toss. The shipped HH-RLHF helpful test file holds 2.
+  """
+  kept = [p for p in pairs if p.chosen != p.rejected]
   return kept, len(pairs) - len(kept)
 
 

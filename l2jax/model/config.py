@@ -100,11 +100,20 @@ class LlamaConfig:
 
 
 def read_json(path: str | Path, what: str, error: type[Exception] = ValueError) -> dict:
-  """A JSON file's content; FileNotFoundError naming `what`, or `error` with file:line for invalid JSON."""
+  """A JSON object file's content; FileNotFoundError naming `what`, or `error` with file:line for invalid JSON,
+  bytes that are not UTF-8, or a top-level value that is not an object."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: {what} not found")
   try:
-    return json.loads(path.read_text())
+    d = json.loads(path.read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise error(f"{path}: {what} is not valid UTF-8 JSON (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+        from None
   except json.JSONDecodeError as e:
     raise error(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+  except RecursionError:
+    raise error(f"{path}: invalid {what}: JSON nested too deeply") from None
+  if not isinstance(d, dict):
+    raise error(f"{path}: {what}: expected a JSON object, found {type(d).__name__}")
+  return d

@@ -106,7 +106,8 @@ def load_preferences(d: c.Preferences, seed: int) -> tuple[list[prefs.Pair], dic
   """(training mixture, {eval set name: pairs}, summary) for a Preferences config.
 
   Every file of `sources` and `mix` is safety-filtered and split; its held-out part is an eval set named after
-  the file (+ " held-out"); `eval_sources` files are eval sets in full.
+  the file (+ " held-out"); `eval_sources` files are eval sets in full. Pairs whose two answers are identical
+  are dropped from every file and counted (`identical_dropped`, per file and in total).
   """
   errors: list[str] | None = [] if d.skip_bad else None
   primary: list[prefs.Pair] = []
@@ -116,17 +117,19 @@ def load_preferences(d: c.Preferences, seed: int) -> tuple[list[prefs.Pair], dic
   for group, specs in (("sources", d.sources), ("mix", d.mix)):
     for spec in specs:
       for path, pairs in prefs.read_source(spec, errors).items():
-        kept, dropped = prefs.safety_filter(pairs) if d.safety_filter else (pairs, 0)
+        distinct, identical = prefs.drop_identical(pairs)
+        kept, dropped = prefs.safety_filter(distinct) if d.safety_filter else (distinct, 0)
         tr, held = prefs.split_heldout(kept, d.heldout_fraction)
         (primary if group == "sources" else pool).extend(tr)
         if held:
           evals[_set_name(path, evals) + " held-out"] = held
-        files[path] = {"group": group, "pairs": len(pairs), "safety_dropped": dropped, "train": len(tr),
-                       "heldout": len(held)}
+        files[path] = {"group": group, "pairs": len(pairs), "identical_dropped": identical,
+                       "safety_dropped": dropped, "train": len(tr), "heldout": len(held)}
   for spec in d.eval_sources:
     for path, pairs in prefs.read_source(spec, errors).items():
-      evals[_set_name(path, evals)] = pairs
-      files[path] = {"group": "eval", "pairs": len(pairs)}
+      distinct, identical = prefs.drop_identical(pairs)
+      evals[_set_name(path, evals)] = distinct
+      files[path] = {"group": "eval", "pairs": len(pairs), "identical_dropped": identical}
   if not primary:
     raise prefs.DataError("data.sources: no training pairs (set data.sources to FORMAT:PATH entries)")
   mixture = prefs.mixture(primary, pool, d.mix_fraction, seed)
@@ -134,6 +137,7 @@ def load_preferences(d: c.Preferences, seed: int) -> tuple[list[prefs.Pair], dic
     evals = {k: v[:d.eval_pairs] for k, v in evals.items()}
   summary = {"files": files, "train_pairs": len(mixture), "from_sources": len(primary),
              "from_mix": len(mixture) - len(primary), "mix_fraction": d.mix_fraction,
+             "identical_dropped": sum(f["identical_dropped"] for f in files.values()),
              "eval_sets": {k: len(v) for k, v in evals.items()}}
   if errors:
     summary["skipped_bad_records"] = len(errors)
@@ -227,9 +231,10 @@ def run(cfg: c.RewardModel, run_dir: Path, check_sharding: bool = False):
   summary.update(steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps, global_batch=cfg.global_batch)
   if jax.process_index() == 0:
     (run_dir / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  print(f"reward model: {summary['train_pairs']} training pairs ({summary['from_mix']} from the mix), "
-        f"{cfg.steps} steps of {cfg.global_batch} pairs, warmup {cfg.optim.warmup_steps}; eval sets "
-        f"{summary['eval_sets']}", file=sys.stderr)
+  print(f"reward model: {summary['train_pairs']} training pairs ({summary['from_mix']} from the mix; "
+        f"{summary['identical_dropped']} pairs with identical answers dropped), {cfg.steps} steps of "
+        f"{cfg.global_batch} pairs, warmup {cfg.optim.warmup_steps}; eval sets {summary['eval_sets']}",
+        file=sys.stderr)
   loss_fn = pair_loss_fn(setup.graphdef, cfg.margin)
   batches = prefs.PairBatches(pairs, setup.tokenizer, seq_len=cfg.seq_len, global_batch=cfg.global_batch,
                               seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count())
