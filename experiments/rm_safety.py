@@ -28,14 +28,22 @@ def get_config(arg: str | None = None) -> c.RewardModel:
   size = arg or "tiny"
   if size == "tiny":
     return c.RewardModel(
-        name="rm-safety-tiny", objective="safety", model=presets.get("tiny", n_layers=2),
+        name="rm-safety-tiny", objective="safety", model=presets.get("tiny"), init="experiments/sft.py:tiny",
         data=c.Preferences(sources=(HH_TEST[1],), mix=(HH_TEST[0], "oasst:data/oasst/en_100_tree.jsonl"),
                            mix_fraction=0.1, heldout_fraction=0.2, tokenizer=TOKENIZER),
         margin="small", optim=c.AdamW(lr=1e-3, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip=1.0, decay_to=0.1),
         seq_len=128, global_batch=32, epochs=1.0, log_every=5, eval_batch=64,
         mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=100, keep=1), tensorboard=False)
+  if size == "test":   # a few steps from SFT test: the reward model of the later stages' test chains
+    return c.RewardModel(
+        name="rm-safety-test", objective="safety", model=presets.get("tiny"), init="experiments/sft.py:test",
+        data=c.Preferences(sources=(HH_TEST[1],), mix=(HH_TEST[0],), mix_fraction=0.1, heldout_fraction=0.2,
+                           eval_pairs=16, tokenizer=TOKENIZER),
+        margin="small", optim=c.AdamW(lr=1e-3, warmup_steps=1, decay_to=0.1),
+        seq_len=128, global_batch=8, steps=3, warmup_fraction=0.0, log_every=1, eval_batch=16,
+        mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=3, keep=1), tensorboard=False)
   if size not in SIZES:
-    raise ValueError(f"unknown variant {size!r}; choose tiny, {', '.join(SIZES)}")
+    raise ValueError(f"unknown variant {size!r}; choose tiny, test, {', '.join(SIZES)}")
   preset, lr, mesh = SIZES[size]
   return c.RewardModel(
       name=f"rm-safety-{size}", objective="safety", init=f"runs/sft-{size}/final",

@@ -13,6 +13,8 @@ neither), weight decay 0.1, AdamW(0.9, 0.95, 1e-5) and clipping 1.0 as in pretra
 `tiny` fine-tunes the `tiny` preset on 400 GSM8K question/answer dialogs (every 20th held out) for 2 epochs of
 8 rows x 256 tokens. It should write runs/sft-tiny/{metrics.jsonl, data_stats.json, samples.jsonl, final/}; the
 answer-only training loss falls from about 10.4 to about 4 (held-out: about 4.2).
+`test` is the same architecture for 3 steps on 40 dialogs (seconds): the SFT model that the `test` variants of
+the later stages (reward models, PPO, rejection sampling, GAtt) start from through "experiments/sft.py:test".
 """
 from l2jax import config as c
 from l2jax.model import presets
@@ -34,8 +36,15 @@ def get_config(arg: str | None = None) -> c.SFT:
         optim=c.AdamW(lr=3e-3, warmup_steps=5, decay_to=0.1, weight_decay=0.1, clip=1.0),
         seq_len=256, global_batch=8, epochs=2, log_every=5, eval_every=20, eval_batches=2,
         sample_prompts=3, sample_max_new_tokens=48, mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=20, keep=2))
+  if size == "test":   # the tiny architecture for a few steps: the start of the test chains of later stages
+    return c.SFT(
+        name="sft-test", model=presets.get("tiny"), init="",
+        data=c.Dialogs(kind="gsm8k", paths=("data/gsm8k/test.jsonl",), tokenizer=TOKENIZER, max_dialogs=40),
+        optim=c.AdamW(lr=3e-3, warmup_steps=1, decay_to=0.1, weight_decay=0.1, clip=1.0),
+        seq_len=256, global_batch=8, epochs=1, steps=3, log_every=1, eval_every=0, sample_prompts=0,
+        mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=3, keep=1), tensorboard=False)
   if size not in SIZES:
-    raise ValueError(f"unknown variant {size!r}; choose tiny, {', '.join(SIZES)}")
+    raise ValueError(f"unknown variant {size!r}; choose tiny, test, {', '.join(SIZES)}")
   preset, mesh = SIZES[size]
   return c.SFT(
       name=f"sft-{size}", model=presets.get(preset, dtype="bfloat16", remat="full"),

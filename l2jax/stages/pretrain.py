@@ -6,6 +6,8 @@ final l2jax model directory to run_dir/final.
 """
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import jax
@@ -29,13 +31,26 @@ def batch_iterator(data: c.Data, source, tokenizer, *, seq_len: int, global_batc
                                 process_count=n_proc, worker_count=data.worker_count)
 
 
-def open_data(data: c.Data):
-  """(train source, held-out source or None) for a Data config."""
-  from l2jax.data.sources import open_source
+def open_source(data: c.Data):
+  """The whole document source of a Data config (before the held-out split)."""
+  from l2jax.data.sources import open_source as open_
   spec = dict(kind=data.kind, paths=data.paths, field=data.field, name=data.name or None,
               split=data.split if data.kind != "tfds" or data.split != "paragraph" else "train",
               data_dir=data.data_dir or None, skip_bad=data.skip_bad)
-  return split_documents(open_source(spec), data.eval_every_nth)
+  return open_(spec)
+
+
+def open_data(data: c.Data):
+  """(train source, held-out source or None) for a Data config."""
+  return split_documents(open_source(data), data.eval_every_nth)
+
+
+def data_stats(source, data: c.Data) -> dict:
+  """Documents and bad records skipped (data.skip_bad) of a source, for run_dir/data_stats.json."""
+  skipped = dict(getattr(source, "skipped", {}) or {})
+  return {"kind": data.kind, "paths": list(data.paths), "documents": len(source), "skip_bad": data.skip_bad,
+          "skipped_bad": int(sum(skipped.values())), "skipped": skipped,
+          "skipped_examples": list(getattr(source, "skipped_examples", []) or [])}
 
 
 def run(cfg: c.Pretrain, run_dir: Path, check_sharding: bool = False):
@@ -44,7 +59,9 @@ def run(cfg: c.Pretrain, run_dir: Path, check_sharding: bool = False):
   if cfg.seq_len > cfg.model.max_seq_len:
     raise ValueError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
   setup = model_setup(cfg.model, cfg.init, mesh, cfg.data.tokenizer, cfg.seed)
-  train_src, eval_src = open_data(cfg.data)
+  source = open_source(cfg.data)
+  stats = data_stats(source, cfg.data)
+  train_src, eval_src = split_documents(source, cfg.data.eval_every_nth)
   loss_fn = lm_loss_fn(setup.graphdef)
 
   def batches(src, shuffle=True, epochs=None, seed=cfg.seed):
@@ -57,6 +74,12 @@ def run(cfg: c.Pretrain, run_dir: Path, check_sharding: bool = False):
   if eval_src is not None and cfg.eval_every > 0:
     eval_hook = make_eval_hook(loss_fn, setup, lambda: batches(eval_src, shuffle=False, epochs=1), cfg.eval_batches,
                                cfg.eval_every)
-  return run_lm(cfg, run_dir, setup, loss_fn, batches(train_src), eval_hook)
+  result = run_lm(cfg, run_dir, setup, loss_fn, batches(train_src), eval_hook)
+  if jax.process_index() == 0:
+    (Path(run_dir) / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    eg = f", e.g. {stats['skipped_examples'][0]}" if stats["skipped_examples"] else ""
+    print(f"pretrain data: {stats['documents']} documents; {stats['skipped_bad']} bad records skipped{eg} "
+          f"(written to {Path(run_dir) / 'data_stats.json'})", file=sys.stderr)
+  return result
 
 
