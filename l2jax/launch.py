@@ -368,6 +368,8 @@ def _remove_if_nothing_saved(run_dir: Path) -> None:
   """A run that failed before its first checkpoint leaves no run directory behind (it made it)."""
   ckpts = run_dir / "checkpoints"
   if not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())) and not (run_dir / "final").exists():
+    if any((p / "final").exists() or (p / "checkpoints").is_dir() for p in run_dir.iterdir() if p.is_dir()):
+      return  # a composed run (experiments/rlhf.py) keeps the stages it finished in its sub-run directories
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
