@@ -71,6 +71,13 @@ def check_messages(messages: Any) -> list[dict]:
     if not m["content"].strip():
       raise _Problem(f"message {i} ({m['role']}): empty content")
     out.append({"role": m["role"], "content": m["content"]})
+    if "train" in m:  # optional: "train": false on an assistant message puts loss mask 0 on that answer
+      if m["role"] != "assistant" or not isinstance(m["train"], bool):
+        raise _Problem(f"message {i} ({m['role']}): 'train' must be true or false, on assistant messages only")
+      out[-1]["train"] = m["train"]
+  if any(m["role"] == "assistant" for m in out) and all(m.get("train", True) is False
+                                                         for m in out if m["role"] == "assistant"):
+    raise _Problem("every answer has \"train\": false; nothing to learn from")
   try:
     chat_exchanges(out)  # THE chat format's order rule: [system] user assistant user ...
   except ValueError as e:
@@ -297,6 +304,13 @@ def encode_dialog(tok, messages: list[dict], max_tokens: int) -> tuple[list[int]
   k = len(turns) // 2
   for j in range(k):  # j = exchanges dropped from the left
     ids, mask = encode_chat_with_mask(tok, head + turns[2 * j:])
+    answers = [m for m in turns[2 * j:] if m["role"] == "assistant"]
+    if any(m.get("train", True) is False for m in answers):  # k-th run of mask ones = k-th answer (+ EOS)
+      run, prev = -1, 0
+      for t, bit in enumerate(list(mask)):
+        run, prev = run + int(bool(bit) and not prev), bit
+        if bit and answers[run].get("train", True) is False:
+          mask[t] = 0
     if len(ids) <= max_tokens:
       return ids, mask, j, trailing
   return None
