@@ -23,8 +23,10 @@ from l2jax.model import presets
 
 PROMPTS = ("hh-safety:data/hh-rlhf/harmless-base-test.jsonl.gz", "hh-helpful:data/hh-rlhf/helpful-base-test.jsonl.gz",
            "oasst:data/oasst/en_100_tree.jsonl")
-SIZES = {"7b": (0.01, c.Mesh(fsdp=-1)), "13b": (0.01, c.Mesh(fsdp=-1)),
-         "34b": (0.005, c.Mesh(fsdp=-1, tensor=8)), "70b": (0.005, c.Mesh(fsdp=-1, tensor=8))}
+# (beta, mesh, devices of the memory plan (80 GiB each): one 8-GPU node for 7B, 2 nodes for 13B, 4 for 34B,
+# 8 for 70B; generation in 4 chunks of 128 prompts keeps the KV cache of the MHA models (7B, 13B) in bounds)
+SIZES = {"7b": (0.01, c.Mesh(fsdp=-1), 8), "13b": (0.01, c.Mesh(fsdp=-1, tensor=2), 16),
+         "34b": (0.005, c.Mesh(fsdp=-1, tensor=8), 32), "70b": (0.005, c.Mesh(fsdp=-1, tensor=8), 64)}
 PAPER_OPTIM = c.AdamW(lr=1e-6, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip=1.0, warmup_steps=0,
                       schedule="constant")
 
@@ -48,7 +50,7 @@ def get_config(arg: str | None = None) -> c.PPO:
         ckpt=c.Checkpointing(every=1 if small else 10, keep=2), log_every=1, tensorboard=not small)
   if size not in SIZES:
     raise ValueError(f"unknown variant {size!r}; choose tiny, test, {', '.join(SIZES)}")
-  beta, mesh = SIZES[size]
+  beta, mesh, devices = SIZES[size]
   return c.PPO(
       name=f"ppo-{size}", policy=f"runs/rejection-{size}/final",
       reward_models=c.RewardModels(helpful=f"runs/rm_helpful-{size}/final", safety=f"runs/rm_safety-{size}/final",
@@ -60,5 +62,5 @@ def get_config(arg: str | None = None) -> c.PPO:
       max_new_tokens=1024, temperature=1.0, top_p=1.0, kl_beta=beta, optim=PAPER_OPTIM,
       value_optim=c.AdamW(lr=9e-6, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip=1.0, warmup_steps=0,
                           schedule="constant"),
-      batch_prompts=512, minibatch=64, micro_batch=8, ppo_epochs=1, iterations=200, eval_every=10, patience=3,
-      mesh=mesh, ckpt=c.Checkpointing(every=10, keep=2), log_every=1)
+      batch_prompts=512, minibatch=64, micro_batch=8, generate_chunks=4, ppo_epochs=1, iterations=200, eval_every=10, patience=3,
+      device_memory_gib=80.0, plan_devices=devices, mesh=mesh, ckpt=c.Checkpointing(every=10, keep=2), log_every=1)

@@ -196,3 +196,34 @@ def test_sigkill_resume_is_bit_identical(models, tmp_path):
   ref, res = metrics(tmp_path / "ref"), metrics(tmp_path / "killed")
   assert [ref[s]["batch_crc"] for s in (1, 2, 3, 4)] == [res[s]["batch_crc"] for s in (1, 2, 3, 4)]
   assert [ref[s]["rc"] for s in (1, 2, 3, 4)] == [res[s]["rc"] for s in (1, 2, 3, 4)]
+
+
+def test_memory_plan_for_70b_is_the_arithmetic_of_the_shardings():
+  from l2jax.launch import load_experiment
+  from l2jax.stages import ppo_plan
+  cfg, _ = load_experiment(str(ROOT / "experiments/ppo.py:70b"))
+  p = ppo_plan.plan(cfg, 64)
+  assert p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 8} and p["fits"]
+  n = presets.get("llama2-70b").num_params()
+  gib = 1024 ** 3
+  # fp32 master weights sharded over the 64 devices (but the RMSNorm gains, 161 x 8192, replicated: + 0.12%);
+  # AdamW's two moments alike; the frozen copies in bf16
+  norms = 161 * 8192 * 4 * (1 - 1 / 64) / gib
+  assert p["items_gib"]["policy params"] == pytest.approx(n * 4 / 64 / gib + norms, rel=1e-4)
+  assert p["items_gib"]["policy AdamW moments"] == pytest.approx(2 * (n * 4 / 64 / gib + norms), rel=1e-4)
+  assert p["items_gib"]["reference (frozen)"] == pytest.approx((n * 4 / 64 / gib + norms) / 2, rel=1e-4)
+  # KV cache: 80 layers x (512 prompts / 4 chunks / 8 fsdp) rows x 2048 positions x (8 kv heads / 8) x 128 x k,v x bf16
+  assert p["phases_gib"]["generate"]["KV cache"] == pytest.approx(80 * 16 * 2048 * 1 * 128 * 2 * 2 / gib)
+  # the sampling copy is replicated over fsdp and split over tensor only: bf16 weights / 8
+  assert p["phases_gib"]["generate"]["policy in the sampling layout"] == pytest.approx(n * 2 / 8 / gib, rel=2e-3)
+  assert not ppo_plan.plan(cfg, 8)["fits"]          # 70B PPO does not fit one 8-GPU node
+
+
+def test_check_sharding_prints_the_plan_and_fails_when_it_does_not_fit():
+  cmd = [sys.executable, "-m", "l2jax.launch", "experiments/ppo.py:70b", "--check-sharding"]
+  ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "PPO memory plan per device: 64 devices" in ok.stdout and "fits" in ok.stdout
+  bad = subprocess.run(cmd + ["--set", "device_memory_gib=40"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode != 0 and "DOES NOT FIT" in bad.stdout

@@ -99,8 +99,12 @@ def chunked(fn: Callable, chunks: int, *xs):
 
 
 def make_generate(graphdef, cfg, mesh, sample_shardings, *, max_new_tokens: int, temperature: float,
-                  top_p: float, eos_id: int, pad_id: int) -> Callable:
-  """generate(policy_params, batch, key_data) -> Responses; batch: prompt_tokens [B, P], prompt_lens, index."""
+                  top_p: float, eos_id: int, pad_id: int, chunks: int = 1) -> Callable:
+  """generate(policy_params, batch, key_data) -> Responses; batch: prompt_tokens [B, P], prompt_lens, index.
+
+  chunks: decode the rows in this many sequential chunks (the KV cache is 1/chunks of the batch's; the tokens
+  are the same, since each row's randomness is its own).
+  """
   from l2jax.sample import _generate
   dt = jnp.dtype(cfg.dtype)
   mode = (False, False, top_p < 1.0)
@@ -113,11 +117,14 @@ def make_generate(graphdef, cfg, mesh, sample_shardings, *, max_new_tokens: int,
     key = jax.random.wrap_key_data(key_data)
     keys_b = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["index"])
     limits_b = jnp.minimum(max_new_tokens, cfg.max_seq_len - lens_b).astype(jnp.int32)
-    n_b, out = _generate(params, prompt_bp, lens_b, limits_b, keys_b, jnp.float32(temperature), jnp.int32(0),
-                         jnp.float32(top_p), jnp.asarray([eos_id], jnp.int32), jnp.int32(pad_id),
-                         graphdef=graphdef, cache_len=P + max_new_tokens, n_out=max_new_tokens, mode=mode,
-                         mesh=mesh, return_logits=False)
-    return Responses(out["tokens"][:, :max_new_tokens], n_b)
+
+    def decode(prompt_bp, lens_b, limits_b, keys_b):
+      n_b, out = _generate(params, prompt_bp, lens_b, limits_b, keys_b, jnp.float32(temperature), jnp.int32(0),
+                           jnp.float32(top_p), jnp.asarray([eos_id], jnp.int32), jnp.int32(pad_id),
+                           graphdef=graphdef, cache_len=P + max_new_tokens, n_out=max_new_tokens, mode=mode,
+                           mesh=mesh, return_logits=False)
+      return Responses(out["tokens"][:, :max_new_tokens], n_b)
+    return chunked(decode, chunks, prompt_bp, lens_b, limits_b, keys_b)
 
   return generate
 

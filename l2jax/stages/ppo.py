@@ -188,7 +188,8 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
   abstract_state = jax.eval_shape(init_state, {"policy": m.host["policy"], "value": m.host["value"]})
   st_sh = train.state_shardings(abstract_state, {"policy": m.axes["policy"], "value": m.axes["value"]}, mesh, rules)
   gen = ro_lib.make_generate(m.graphdefs["policy"], m.policy_cfg, mesh, sample_sh, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
+                             temperature=cfg.temperature, top_p=cfg.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                             chunks=cfg.generate_chunks)
   chunks = cfg.batch_prompts // cfg.micro_batch if cfg.micro_batch else 1
   reward_fn = reward_fn or ro_lib.reward_model_fn(m.graphdefs["rm_helpful"], m.graphdefs["rm_safety"])
   score = ro_lib.make_score(m.graphdefs["policy"], m.graphdefs["ref"], m.graphdefs["value"], reward_fn,
@@ -263,6 +264,9 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
   from l2jax.stages import ppo_outputs as out
   shd.initialize_distributed()
   run_dir = Path(run_dir)
+  if check_sharding:
+    from l2jax.stages import ppo_plan
+    return ppo_plan.report(cfg)
   mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   m = load_models(cfg)
   P, N = cfg.prompts.max_prompt_tokens, cfg.max_new_tokens
@@ -270,9 +274,6 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
     raise ValueError(f"prompts.max_prompt_tokens + max_new_tokens = {P + N} exceeds the policy's max_seq_len "
                      f"{m.policy_cfg.max_seq_len}")
   data = load_prompts(cfg.prompts, m.tokenizer)
-  if check_sharding:
-    from l2jax.stages import ppo_plan
-    return ppo_plan.report(cfg, m, mesh)
   if jax.process_index() == 0:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")

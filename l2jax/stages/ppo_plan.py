@@ -1,0 +1,179 @@
+"""`--check-sharding` for PPO: the per-device memory plan of the five models on the configured mesh, and (for
+models small enough to run here) one PPO iteration on the mesh against one device.
+
+The plan is arithmetic on abstract shapes (no memory is allocated, so it runs for 70B on a laptop): every
+parameter's bytes divided by the mesh axes its logical axes map to under the rules (l2jax/sharding.py).
+  resident: policy and value model (param dtype) with AdamW's two moments, the reference and both reward
+            models (frozen dtype), all under TRAIN_RULES (fully sharded);
+  generate: + the policy consolidated to SAMPLE_RULES in the compute dtype and the KV cache;
+  score:    + one chunk's logits of the policy and the reference;
+  train:    + gradients, one micro-batch's saved block inputs (remat) and logits.
+Peak = resident + the largest phase; it must fit `device_memory_gib`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from l2jax import checkpoint as ckpt_lib
+from l2jax import sharding as shd
+from l2jax.model import heads, llama
+from l2jax.model.config import LlamaConfig
+
+GIB = 1024 ** 3
+
+
+def _mesh_shape(cfg, n_devices: int) -> dict[str, int]:
+  data, fsdp, tensor = shd.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, n_devices)
+  return {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def _divisor(names, shape, mesh: dict[str, int], rules) -> int:
+  """How many devices share one copy of an array with these logical axes (a non-dividing axis is dropped)."""
+  table = dict(rules)
+  total = 1
+  for name, dim in zip(names or (), shape):
+    axes = table.get(name)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    k = int(np.prod([mesh[a] for a in axes])) if axes else 1
+    if k > 1 and dim % k == 0:
+      total *= k
+  return total
+
+
+def tree_bytes(abstract_params, axes, mesh: dict[str, int], rules, dtype=None) -> float:
+  """Bytes per device of a parameter tree under `rules` (in `dtype` if given, else each leaf's own)."""
+  leaves = jax.tree.leaves(abstract_params)
+  names = jax.tree.leaves(axes, is_leaf=lambda x: x is None or isinstance(x, tuple))
+  item = lambda a: np.dtype(dtype).itemsize if dtype else np.dtype(a.dtype).itemsize
+  return float(sum(math.prod(a.shape) * item(a) / _divisor(n, a.shape, mesh, rules) for a, n in zip(leaves, names)))
+
+
+def _arch(path: str, fallback: LlamaConfig) -> LlamaConfig:
+  p = Path(path) / ckpt_lib.CONFIG if path else None
+  return LlamaConfig.load(p) if p is not None and p.is_file() else fallback
+
+
+def plan(cfg, n_devices: int) -> dict:
+  """Per-device GiB of each item and phase for a PPO config on `n_devices` devices."""
+  mesh = _mesh_shape(cfg, n_devices)
+  num = {k: getattr(cfg.model, k) for k in ("dtype", "param_dtype", "remat")}
+  pol = _arch(cfg.policy, cfg.model).replace(**num)
+  rm_h = _arch(cfg.reward_models.helpful, pol)
+  rm_s = _arch(cfg.reward_models.safety, pol)
+  val = (rm_h if cfg.value_init == "helpful" else pol).replace(**num)
+  T = cfg.prompts.max_prompt_tokens + cfg.max_new_tokens
+  batch_shards = mesh["data"] * mesh["fsdp"]
+  tensor = mesh["tensor"]
+
+  def lm(c):
+    m = llama.abstract(c)
+    return llama.split(m)[1], llama.logical_axes(m)
+
+  def scalar(c):
+    m = nnx.eval_shape(lambda: heads.ScalarModel(c, rngs=nnx.Rngs(params=0)))
+    return llama.split(m)[1], llama.logical_axes(m)
+
+  R = shd.TRAIN_RULES
+  gib = lambda b: b / GIB
+  pp, pa = lm(pol)
+  vp, va = scalar(val)
+  items = {
+      "policy params": tree_bytes(pp, pa, mesh, R), "policy AdamW moments": 2 * tree_bytes(pp, pa, mesh, R),
+      "value params": tree_bytes(vp, va, mesh, R), "value AdamW moments": 2 * tree_bytes(vp, va, mesh, R),
+      "reference (frozen)": tree_bytes(pp, pa, mesh, R, cfg.frozen_dtype),
+      "helpfulness RM (frozen)": tree_bytes(*scalar(rm_h), mesh, R, cfg.frozen_dtype),
+      "safety RM (frozen)": tree_bytes(*scalar(rm_s), mesh, R, cfg.frozen_dtype)}
+  cd = np.dtype(jax.numpy.dtype(pol.dtype)).itemsize
+  rows_gen = max(cfg.batch_prompts // cfg.generate_chunks // batch_shards, 1)
+  kv_heads = pol.n_kv_heads // tensor if pol.n_kv_heads % tensor == 0 else pol.n_kv_heads
+  phases = {
+      "generate": {"policy in the sampling layout": tree_bytes(pp, pa, mesh, shd.SAMPLE_RULES, pol.dtype),
+                   "KV cache": 2.0 * pol.n_layers * rows_gen * T * kv_heads * pol.head_dim * cd}}
+  chunk_rows = max((cfg.micro_batch or cfg.batch_prompts) // batch_shards, 1)
+  vocab = pol.vocab_size // tensor if pol.vocab_size % tensor == 0 else pol.vocab_size
+  phases["score"] = {"logits of policy and reference (one chunk)": 2 * 3 * 4.0 * chunk_rows * T * vocab}
+  micro_rows = max((cfg.micro_batch or cfg.minibatch) // batch_shards, 1)
+  saved = pol.n_layers if pol.remat != "none" else pol.n_layers * 8
+  phases["train"] = {"policy gradients": tree_bytes(pp, pa, mesh, R),
+                     "value gradients": tree_bytes(vp, va, mesh, R),
+                     "activations (one micro-batch)": saved * micro_rows * T * pol.dim * cd
+                                                      + 3 * 4.0 * micro_rows * T * vocab}
+  resident = sum(items.values())
+  peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+  peak = resident + sum(phases[peak_phase].values())
+  return {"devices": n_devices, "mesh": mesh, "resident_gib": gib(resident), "peak_gib": gib(peak),
+          "peak_phase": peak_phase, "items_gib": {k: gib(v) for k, v in items.items()},
+          "phases_gib": {p: {k: gib(v) for k, v in d.items()} for p, d in phases.items()},
+          "device_memory_gib": cfg.device_memory_gib, "fits": gib(peak) <= cfg.device_memory_gib}
+
+
+def print_plan(p: dict) -> None:
+  print(f"PPO memory plan per device: {p['devices']} devices, mesh {p['mesh']}")
+  for k, v in p["items_gib"].items():
+    print(f"  {k:<44} {v:9.2f} GiB")
+  for phase, d in p["phases_gib"].items():
+    for k, v in d.items():
+      print(f"  [{phase}] {k:<{42 - len(phase)}} {v:9.2f} GiB")
+  print(f"  resident {p['resident_gib']:.2f} GiB; peak ({p['peak_phase']}) {p['peak_gib']:.2f} GiB of "
+        f"{p['device_memory_gib']:.0f} GiB: {'fits' if p['fits'] else 'DOES NOT FIT'}")
+
+
+def report(cfg, n_devices: int | None = None) -> dict:
+  """Print the plan for `plan_devices` (or the devices present); exit 1 when it does not fit. When the models
+  exist here and are small, also run one iteration on the mesh and on one device and compare the parameters."""
+  n = n_devices or cfg.plan_devices or jax.device_count()
+  p = plan(cfg, n)
+  print_plan(p)
+  if not p["fits"]:
+    raise SystemExit(1)
+  dirs = (cfg.policy, cfg.reward_models.helpful, cfg.reward_models.safety)
+  small = all(Path(d, ckpt_lib.CONFIG).is_file() for d in dirs) and \
+      LlamaConfig.load(Path(cfg.policy) / ckpt_lib.CONFIG).num_params() < 5e7
+  if small and n == jax.device_count() and jax.device_count() > 1:
+    err = compare_one_device(cfg)
+    ok = err < 1e-4
+    print(f"one PPO iteration on mesh {p['mesh']} vs one device: parameter rel. error {err:.2e}: "
+          f"{'OK' if ok else 'MISMATCH'}")
+    if not ok:
+      raise SystemExit(1)
+    p["param_rel_err"] = err
+  return p
+
+
+def one_iteration(cfg, mesh):
+  """(host params after one PPO iteration, scalar metrics) on `mesh` from the config's checkpoints."""
+  from l2jax.data import prompts as prompts_lib
+  from l2jax.stages import ppo
+  m = ppo.load_models(cfg)
+  data = ppo.load_prompts(cfg.prompts, m.tokenizer)
+  progs = ppo.build_programs(cfg, m, mesh)
+  batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts,
+                                      prompt_len=cfg.prompts.max_prompt_tokens, seed=cfg.seed,
+                                      pad_id=m.tokenizer.pad_id)
+  params = {k: shd.put(m.host[k], progs.state_shardings["params"][k]) for k in ("policy", "value")}
+  state = jax.jit(progs.init_state, out_shardings=progs.state_shardings)(params)
+  step = ppo.PPOStep(progs, cfg.prompts.max_prompt_tokens + cfg.max_new_tokens)
+  state, met = step(state, shd.global_batch(next(batches), mesh))
+  return jax.device_get(state["params"]), {k: float(v) for k, v in met.items() if np.ndim(v) == 0}
+
+
+def compare_one_device(cfg) -> float:
+  """Max relative parameter error after one iteration on the configured mesh vs one device."""
+  from l2jax.train import _rel_err
+  mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  p_mesh, _ = one_iteration(cfg, mesh)
+  p_one, _ = one_iteration(cfg, shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  return _rel_err(p_mesh, p_one)
+
+
+if __name__ == "__main__":   # python -m l2jax.stages.ppo_plan experiments/ppo.py:70b
+  from l2jax.launch import load_experiment
+  c_, _ = load_experiment(sys.argv[1])
+  print(json.dumps(plan(c_, int(sys.argv[2]) if len(sys.argv) > 2 else c_.plan_devices or 8), indent=2))
