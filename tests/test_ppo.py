@@ -151,15 +151,17 @@ def test_policy_learns_a_rule_reward_with_bounded_kl(models, tmp_path):
   def rule(frozen, tokens_bt, seq_mask_bt, mask_bt):
     share = jnp.sum((tokens_bt == target) & mask_bt, axis=1) / jnp.maximum(jnp.sum(mask_bt, axis=1), 1)
     return 10.0 * share, 10.0 * share
-  cfg = ppo_config(models, iterations=24, eval_every=0, batch_prompts=16, minibatch=4, kl_beta=0.05,
+  cfg = ppo_config(models, iterations=24, eval_every=0, batch_prompts=16, minibatch=4, kl_beta=0.3,
                    optim=c.AdamW(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0),
                    ckpt=c.Checkpointing(every=100, keep=1))
   ppo.run(cfg, tmp_path, reward_fn=rule)
   m = metrics(tmp_path)
   first = np.mean([m[s]["rc"] for s in (1, 2, 3)])
   last = np.mean([m[s]["rc"] for s in (22, 23, 24)])
+  kls = [m[s]["kl"] for s in sorted(m)]
+  print("rule reward: first", first, "last", last, "kl", kls)
   assert last > first + 1.0, (first, last)       # share of the target token up by 10 points or more
-  assert max(m[s]["kl"] for s in m) < 20.0        # nats per 16-token response
+  assert max(kls) < 16.0                          # nats per 16-token response: < 1 nat per token
 
 
 @pytest.mark.slow
@@ -227,3 +229,24 @@ def test_check_sharding_prints_the_plan_and_fails_when_it_does_not_fit():
   bad = subprocess.run(cmd + ["--set", "device_memory_gib=40"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode != 0 and "DOES NOT FIT" in bad.stdout
+
+
+@pytest.mark.slow
+def test_tiny_chain_through_the_launcher_from_an_empty_runs_dir(tmp_path):
+  """experiments/ppo.py:test names sft:test and both rm:test models; the launcher builds them, then PPO runs;
+  a second launch redoes nothing."""
+  env = {**os.environ, "L2JAX_RUNS": str(tmp_path / "runs"), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  cmd = [sys.executable, "-m", "l2jax.launch", "experiments/ppo.py:test"]
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  runs = tmp_path / "runs"
+  for dep in ("sft-test", "rm_helpful-test", "rm_safety-test", "ppo-test"):
+    assert (runs / dep / "final" / "config.json").is_file(), dep
+  assert "running experiments/sft.py:test first" in p.stderr
+  saved = json.loads((runs / "ppo-test" / "config.json").read_text())
+  assert saved["policy"] == str(runs / "sft-test" / "final")     # references resolved in the saved config
+  m = metrics(runs / "ppo-test")
+  assert sorted(m) == [1, 2] and "eval_rc" in m[2]
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "first" not in again.stderr and sorted(metrics(runs / "ppo-test")) == [1, 2]
