@@ -25,12 +25,11 @@ BEST = "best"
 def init_or_resume(cfg, ck, progs, m, batches) -> dict:
   """The newest complete checkpoint's state (and the prompt iterator's), or a fresh state on the mesh."""
   st_sh = progs.state_shardings
-  latest = ck.latest_step()
-  if latest is not None:
-    ck.check_identity(latest)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            progs.abstract_state, st_sh)
-    state, data_state = ck.restore(latest, abstract)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          progs.abstract_state, st_sh)
+  restored = ck.restore_latest(abstract)   # identity checked; falls back past checkpoints that do not restore
+  if restored is not None:
+    latest, state, data_state = restored
     batches.set_state(data_state)
     print(f"resumed from {ck.dir}/{latest}", file=sys.stderr)
     return state
