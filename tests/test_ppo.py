@@ -36,6 +36,14 @@ def models(tmp_path_factory):
   return d
 
 
+@pytest.fixture
+def one_device(monkeypatch):
+  """Stage runs in this process use the first of the 8 fake CPU devices only (cheaper on 2 cores)."""
+  from l2jax import sharding as shd
+  orig = shd.make_mesh
+  monkeypatch.setattr(shd, "make_mesh", lambda *a, **k: orig(1, 1, 1, devices=jax.devices()[:1]))
+
+
 def ppo_config(models, **kw) -> c.PPO:
   base = dict(name="ppo-t", policy=str(models / "policy"),
               reward_models=c.RewardModels(str(models / "rm_helpful"), str(models / "rm_safety")),
@@ -59,9 +67,16 @@ def metrics(run_dir) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def two_iterations(models, tmp_path_factory):
+  from l2jax import sharding as shd
   from l2jax.stages import ppo
   run_dir = tmp_path_factory.mktemp("ppo_run")
-  result = ppo.run(ppo_config(models), run_dir)
+  mp = pytest.MonkeyPatch()
+  orig = shd.make_mesh
+  mp.setattr(shd, "make_mesh", lambda *a, **k: orig(1, 1, 1, devices=jax.devices()[:1]))
+  try:
+    result = ppo.run(ppo_config(models), run_dir)
+  finally:
+    mp.undo()
   return run_dir, result
 
 
@@ -142,7 +157,7 @@ def test_one_iteration_on_8_devices_equals_one_device(models):
 
 
 @pytest.mark.slow
-def test_policy_learns_a_rule_reward_with_bounded_kl(models, tmp_path):
+def test_policy_learns_a_rule_reward_with_bounded_kl(models, tmp_path, one_device):
   """A rule scorer (10x the share of response tokens equal to one id) in place of the reward models: the
   reward rises clearly within a fixed number of iterations while the KL stays bounded (fixed seeds)."""
   from l2jax.stages import ppo
