@@ -256,7 +256,7 @@ def resolve_reference(spec: str, *, no_deps: bool = False, _stack: tuple = ()) -
   print(f"running {spec} first (its final/ {final} is missing)", file=sys.stderr)
   try:
     launch(spec, no_deps=no_deps, _stack=_stack)
-  except KeyboardInterrupt:
+  except (KeyboardInterrupt, c.ConfigError):   # a cycle or a bad config: reported as it is
     raise
   except Exception as e:
     raise LaunchError(f"dependency {spec} failed: {_one_line(e)}") from e

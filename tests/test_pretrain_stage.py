@@ -100,7 +100,7 @@ def test_every_experiment_builds():
     mod = load_experiment(str(f))[0]
     assert type(mod).stage in c.STAGES
     doc = f.read_text()
-    for arg in ("tiny", "7b", "13b", "70b"):
+    for arg in ("tiny", "test", "7b", "13b", "70b"):
       if f":{arg}" in doc or f'"{arg}"' in doc:
         cfg = load_experiment(f"{f}:{arg}")[0]
         assert c.from_dict(type(cfg), c.to_dict(cfg)) == cfg

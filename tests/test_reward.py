@@ -181,7 +181,8 @@ def test_schedule_and_paper_settings():
 SMALL = ["--set", "model.vocab_size=512", "--set", "model.dim=32", "--set", "model.n_layers=2",
          "--set", "model.n_heads=4", "--set", "model.n_kv_heads=2", "--set", "model.ffn_dim=64",
          "--set", f"data.tokenizer={TOK512}", "--set", "seq_len=48", "--set", "global_batch=8",
-         "--set", "steps=4", "--set", "data.eval_pairs=16", "--set", "eval_batch=8", "--set", "log_every=1"]
+         "--set", "steps=4", "--set", "data.eval_pairs=16", "--set", "eval_batch=8", "--set", "log_every=1",
+         "--set", "init="]   # the tiny RMs start from experiments/sft.py:tiny; these small ones from random
 
 
 def launch(exp, run_dir, *extra):
