@@ -3,6 +3,8 @@
   python tools/bench.py train   --preset P --seq S --batch B [--steps N]
   python tools/bench.py forward --preset P --seq S --batch B
   python tools/bench.py decode  --preset P --batch B --prompt-len L --new N
+  python tools/bench.py ppo     --preset P --batch B --new N     (vs TRL PPOTrainer; pip install -e ".[bench]")
+  python tools/bench.py reward  --preset P --batch B --seq S     (vs TRL RewardTrainer, margin column)
 
 Each prints a small table with both figures and their ratio (and MFU / the hardware floor on a GPU).
 """
@@ -15,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-COMMANDS = {"train": "bench_train", "forward": "bench_forward", "decode": "bench_decode"}
+COMMANDS = {"train": "bench_train", "forward": "bench_forward", "decode": "bench_decode", "ppo": "bench_ppo",
+            "reward": "bench_reward"}
 
 
 def main(argv: list[str]) -> int:
