@@ -44,6 +44,7 @@ from l2jax.rl import rollout as ro_lib
 from l2jax.rl.rewards import kl_stats
 
 VALUE_DIR = "value"
+ZERO = np.int32(0)   # the generation key purpose of training rollouts (a host scalar: no device op of its own)
 
 
 class EarlyStop(Exception):
@@ -212,7 +213,7 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
     picked = {"sample_tokens": ro.tokens[:k], "sample_mask": ro.mask[:k], "sample_index": batch["index"][:k],
               "sample_rh": ro.helpful[:k], "sample_rs": ro.safety[:k], "sample_rc": ro.score[:k]}
     picked = jax.lax.with_sharding_constraint(picked, jax.tree.map(lambda _: rep, picked))
-    return ro, rollout_stats(ro, thr), picked
+    return ro, {**rollout_stats(ro, thr), "gen_tokens": jnp.sum(resp.lengths_b).astype(jnp.float32)}, picked
 
   def update_fn(state, ro):
     data = {f: getattr(ro, f) for f in ppo_lib.UPDATE_FIELDS}
@@ -245,16 +246,15 @@ class PPOStep:
     p = self.p
     with shd.use_rules(p.mesh, self.rules):
       t0 = time.perf_counter()
-      resp = jax.block_until_ready(p.generate(state["params"]["policy"], batch, state["rng"], state["step"], jnp.int32(0)))
+      resp = jax.block_until_ready(p.generate(state["params"]["policy"], batch, state["rng"], state["step"], ZERO))
       t1 = time.perf_counter()
       ro, stats, picked = jax.block_until_ready(p.score(state["params"], p.frozen, batch, resp))
       t2 = time.perf_counter()
       state, metrics = p.update(state, ro)
       jax.block_until_ready(metrics)
       t3 = time.perf_counter()
-    gen_tokens = float(jnp.sum(resp.lengths_b))
     return state, {**stats, **metrics, **picked, "t_generate": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
-                   "gen_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)}
+                   "gen_tokens_per_s": float(stats["gen_tokens"]) / max(t1 - t0, 1e-9)}
 
 
 # ----------------------------------------------------------------------------------------------- run

@@ -115,7 +115,7 @@ def evaluate(cfg, progs, m, data, state) -> dict:
                "index": np.arange(start, start + B, dtype=np.int32)}
       local = B // n_proc
       batch = shd.global_batch({k: v[pid * local:(pid + 1) * local] for k, v in batch.items()}, progs.mesh)
-      resp = progs.generate(state["params"]["policy"], batch, state["rng"], jnp.int32(0), jnp.int32(2))
+      resp = progs.generate(state["params"]["policy"], batch, state["rng"], np.int32(0), np.int32(2))
       ro, _, _ = progs.score(state["params"], progs.frozen, batch, resp)
       got = _eval_sums(ro, jnp.asarray(valid), progs.threshold_logit)
       for k, v in jax.device_get(got).items():
