@@ -219,7 +219,8 @@ def plot(run_dir: Path) -> None:
         ax.plot([x for x, _ in xy], [y for _, y in xy], marker="." if len(xy) < 30 else None, label=k)
     ax.set_title(title)
     ax.set_xlabel("iteration")
-    ax.legend()
+    if ax.lines:
+      ax.legend()
   fig.tight_layout()
   fig.savefig(Path(run_dir) / "ppo.png", dpi=90)
   plt.close(fig)
