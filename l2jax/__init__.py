@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 def load(ckpt_dir: str | Path, **overrides) -> Llama:
   """The model stored in an l2jax checkpoint directory; `model(tokens_bt)` gives float32 logits [B, T, vocab].
 
-  `overrides` replace config fields, e.g. `load(d, dtype="float32")` for full-precision compute.
+  It computes in the checkpoint's own dtype (config.json's `dtype`; the converters record the stored weights'
+  dtype there, so a converted float32 checkpoint reproduces its float32 reference with no argument).
+  `overrides` replace config fields, e.g. `load(d, dtype="bfloat16")` to compute in bf16.
   """
   import jax.numpy as jnp
   from flax import nnx

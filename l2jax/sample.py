@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import functools
 import math
+import operator
 import sys
 import time
 from typing import Any, NamedTuple, Sequence
@@ -250,12 +251,23 @@ def check_sampling(temperature: float, top_p: float = 1.0, top_k: int = 0,
   """ValueError naming the first setting that makes no sense: temperature must be finite and >= 0 (0 is
   greedy), top_p in (0, 1], top_k an int >= 0 (0 keeps all), max_new_tokens (when given) an int >= 1.
   One check for Sampler.generate and the sample / chat command lines (which run it before loading a model)."""
-  def real(v):
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+  def real(v):  # Python, numpy or 0-d jax numbers; not bools or strings
+    if isinstance(v, (bool, str, bytes)):
+      return False
+    try:
+      return not math.isnan(float(v))
+    except (TypeError, ValueError):
+      return False
 
   def whole(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-  if not (real(temperature) and math.isfinite(temperature) and temperature >= 0):
+    if isinstance(v, bool):
+      return False
+    try:
+      operator.index(v)
+      return True
+    except TypeError:
+      return False
+  if not (real(temperature) and math.isfinite(float(temperature)) and temperature >= 0):
     raise ValueError(f"temperature: expected a finite number >= 0 (0 is greedy), found {temperature!r}")
   if not (real(top_p) and 0.0 < top_p <= 1.0):  # NaN fails both comparisons
     raise ValueError(f"top_p: expected a number in (0, 1], found {top_p!r}")
