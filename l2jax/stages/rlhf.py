@@ -1,0 +1,159 @@
+"""Iterative RLHF (Llama 2 sections 3.2.3, 3.3, Figure 11): the versions as a composition of existing stages.
+
+run(cfg, run_dir), after the launcher resolved cfg.sft / rm_helpful / rm_safety (running them if missing):
+  V1 .. VN   experiments/rejection.py:<rejection_arg> into RUN_DIR/v<n>-rs: sampler = init = version n-1's final
+             (V0 = SFT; the GAtt model once GAtt ran), iteration n, pool = version n-1's pool.jsonl for
+             n >= pool_from (each pool keeps the best answer per prompt over all iterations it merged);
+  GAtt       experiments/gatt.py:<gatt_arg> into RUN_DIR/v<g>-gatt after version g = gatt_after: sampler = init =
+             V<g>'s final; the versions after it sample from the GAtt model (the paper added GAtt after RLHF V3);
+  V N+1      experiments/ppo.py:<ppo_arg> into RUN_DIR/v<N+1>-ppo: policy = the last rejection-sampling final;
+each through `l2jax.launch.launch` (its run-dir checks, lock, resume), with `*_sets` overrides last. A sub-run
+whose final/ exists is not launched again, so rerunning the command redoes nothing. Then RUN_DIR/versions.json
+(every stage in order), the evaluation of every version against SFT in RUN_DIR/eval (skipped when
+eval/compare.json already holds the same versions and settings), RUN_DIR/final (a symlink to the last version's
+final/, so `experiments/rlhf.py:ARG` is itself an experiment reference), and report.md (l2jax.report).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from l2jax import checkpoint as ckpt_lib
+from l2jax import config as c
+
+VERSIONS = "versions.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One sub-run of the composition."""
+  version: str      # "V1", "V3+GAtt", "V5"
+  stage: str        # rejection | gatt | ppo
+  spec: str         # experiments/<file>.py:<arg>
+  run_dir: str      # relative to RUN_DIR
+  sets: tuple[str, ...]
+  source: str       # the version it starts from
+
+
+def _final(run_dir: Path) -> Path:
+  return run_dir / "final"
+
+
+def _done(d: Path) -> bool:
+  return (d / "final" / ckpt_lib.CONFIG).is_file()
+
+
+def plan(cfg: c.RLHF, run_dir: Path) -> list[Step]:
+  """The sub-runs in order, with their overrides; paths of earlier sub-runs are known before they exist."""
+  rms = (f"reward_models.helpful={cfg.rm_helpful}", f"reward_models.safety={cfg.rm_safety}")
+  steps: list[Step] = []
+  prev_name, prev_final, prev_pool = "SFT", cfg.sft, ""
+  for n in range(1, cfg.rs_versions + 1):
+    d = f"v{n}-rs"
+    pool = prev_pool if n >= cfg.pool_from else ""
+    sets = (f"name={cfg.name}-v{n}", f"sampler={prev_final}", f"init={prev_final}", f"iteration={n}",
+            f"pool={pool}") + rms + tuple(cfg.rejection_sets)
+    steps.append(Step(f"V{n}", "rejection", f"experiments/rejection.py:{cfg.rejection_arg}", d, sets, prev_name))
+    prev_name, prev_final, prev_pool = f"V{n}", str(run_dir / d / "final"), str(run_dir / d / "pool.jsonl")
+    rs_final = prev_final
+    if n == cfg.gatt_after:
+      g = f"v{n}-gatt"
+      sets = (f"name={cfg.name}-v{n}-gatt", f"sampler={prev_final}", f"init={prev_final}") + tuple(cfg.gatt_sets)
+      steps.append(Step(f"V{n}+GAtt", "gatt", f"experiments/gatt.py:{cfg.gatt_arg}", g, sets, prev_name))
+      prev_name, prev_final = f"V{n}+GAtt", str(run_dir / g / "final")
+  if cfg.ppo:
+    n = cfg.rs_versions + 1
+    sets = (f"name={cfg.name}-v{n}", f"policy={rs_final}") + rms
+    sets += ((f"iterations={cfg.ppo_iterations}",) if cfg.ppo_iterations > 0 else ()) + tuple(cfg.ppo_sets)
+    steps.append(Step(f"V{n}", "ppo", f"experiments/ppo.py:{cfg.ppo_arg}", f"v{n}-ppo", sets, f"V{cfg.rs_versions}"))
+  return steps
+
+
+def _write_versions(cfg: c.RLHF, run_dir: Path, steps: list[Step]) -> list[dict]:
+  out = [{"version": "SFT", "stage": "sft", "from": "", "run_dir": str(Path(cfg.sft).parent), "final": cfg.sft},
+         {"version": "RM helpful", "stage": "reward", "from": "SFT", "run_dir": str(Path(cfg.rm_helpful).parent),
+          "final": cfg.rm_helpful},
+         {"version": "RM safety", "stage": "reward", "from": "SFT", "run_dir": str(Path(cfg.rm_safety).parent),
+          "final": cfg.rm_safety}]
+  out += [{"version": s.version, "stage": s.stage, "from": s.source, "run_dir": s.run_dir,
+           "final": str(run_dir / s.run_dir / "final"), "experiment": s.spec, "sets": list(s.sets)} for s in steps]
+  (run_dir / VERSIONS).write_text(json.dumps(out, indent=1) + "\n")
+  return out
+
+
+def eval_settings(cfg: c.RLHF):
+  """compare.Settings from cfg.eval (same field names)."""
+  from l2jax.eval.compare import Settings
+  names = {f.name for f in dataclasses.fields(Settings)}
+  return Settings(**{k: v for k, v in dataclasses.asdict(cfg.eval).items() if k in names})
+
+
+def evaluate(cfg: c.RLHF, run_dir: Path, steps: list[Step]) -> dict | None:
+  """Every version against SFT into RUN_DIR/eval, unless eval/compare.json already holds this evaluation."""
+  from l2jax.eval import compare
+  if not cfg.eval.enabled:
+    return None
+  settings = eval_settings(cfg)
+  models = {s.version: str(run_dir / s.run_dir / "final") for s in steps}
+  judge = cfg.eval.judge or None
+  out = run_dir / "eval"
+  old = None
+  if (out / "compare.json").is_file():
+    try:
+      old = json.loads((out / "compare.json").read_text())
+    except ValueError:
+      old = None
+  want = {"settings": json.loads(json.dumps(dataclasses.asdict(settings))), "models": models,
+          "reference": {"name": "SFT", "dir": cfg.sft},
+          "rms": {"helpful": cfg.rm_helpful, "safety": cfg.rm_safety, "judge": judge}}
+  if isinstance(old, dict) and all(old.get(k) == v for k, v in want.items()):
+    print(f"rlhf: {out / 'compare.json'} is up to date", file=sys.stderr)
+    return old
+  return compare.compare(models, ("SFT", cfg.sft), cfg.rm_helpful, cfg.rm_safety, judge, out, settings)
+
+
+def _link_final(run_dir: Path, target: Path) -> None:
+  """RUN_DIR/final -> the last version's final/ (relative symlink, replaced atomically)."""
+  link = run_dir / "final"
+  rel = os.path.relpath(target, run_dir)
+  if link.is_symlink() and os.readlink(link) == rel:
+    return
+  tmp = run_dir / f".final.tmp-{os.getpid()}"
+  tmp.unlink(missing_ok=True)
+  os.symlink(rel, tmp)
+  os.replace(tmp, link)
+
+
+def run(cfg: c.RLHF, run_dir: Path, check_sharding: bool = False):
+  from l2jax import launch, report
+  if check_sharding:
+    raise ValueError("rlhf: --check-sharding applies to one stage; run it on experiments/rejection.py or ppo.py")
+  run_dir = Path(run_dir)
+  for k in ("sft", "rm_helpful", "rm_safety"):
+    if not (Path(getattr(cfg, k)) / ckpt_lib.CONFIG).is_file():
+      raise FileNotFoundError(f"rlhf: {k}={getattr(cfg, k)!r} is not a checkpoint directory (give a directory or "
+                              f"an experiment reference such as experiments/sft.py:tiny)")
+  run_dir.mkdir(parents=True, exist_ok=True)
+  ckpt_lib.run_dir_accepted(run_dir)   # config.json now, so a rerun after a failed stage is accepted
+  steps = plan(cfg, run_dir)
+  _write_versions(cfg, run_dir, steps)
+  for s in steps:
+    d = run_dir / s.run_dir
+    if _done(d):
+      print(f"rlhf: {s.version} ({s.stage}) done: {d / 'final'}", file=sys.stderr)
+      continue
+    print(f"rlhf: {s.version} ({s.stage}) from {s.source}: {s.spec} into {d}", file=sys.stderr)
+    result = launch.launch(s.spec, list(s.sets), d)
+    if not _done(d):
+      status = getattr(result, "status", "")
+      print(f"rlhf: {s.version} stopped ({status or 'no final/'}); rerun the same command to resume", file=sys.stderr)
+      return result
+  if steps:
+    _link_final(run_dir, run_dir / steps[-1].run_dir / "final")
+  evaluate(cfg, run_dir, steps)
+  out = report.write(run_dir)
+  print(f"rlhf: wrote {out} (python -m l2jax.report {run_dir} rewrites it)", file=sys.stderr)
+  return None
