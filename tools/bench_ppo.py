@@ -90,7 +90,8 @@ def hf_models(spec: dict) -> dict:
   if (work / "hf_rm_score.npy").is_file():
     return {"reused": True}
   cfg = presets.get(spec["preset"], **{**spec.get("shape", {}), "dtype": "float32", "param_dtype": "float32"})
-  kw = {k: v for k, v in config_to_hf(cfg, "float32").items() if k not in ("architectures", "model_type", "torch_dtype")}
+  kw = {k: v for k, v in config_to_hf(cfg, "float32").items()
+        if k not in ("architectures", "model_type", "torch_dtype")}
   kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
   hf_cfg = transformers.LlamaConfig(**kw)
   tok_cfg = json.dumps({"tokenizer_class": "LlamaTokenizer", "pad_token": "<unk>", "padding_side": "left"})
@@ -192,18 +193,21 @@ def run_l2jax(spec: dict) -> dict:
   m = ppo.load_models(cfg)
   data = ppo.load_prompts(cfg.prompts, m.tokenizer)
   batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts,
-                                      prompt_len=cfg.prompts.max_prompt_tokens, seed=cfg.seed, pad_id=m.tokenizer.pad_id)
+                                      prompt_len=cfg.prompts.max_prompt_tokens, seed=cfg.seed,
+                                      pad_id=m.tokenizer.pad_id)
   ids = []
   for _ in range(cfg.iterations):
     b = next(batches)
     ids += [b["prompt_tokens"][i, :n].tolist() for i, n in enumerate(b["prompt_lens"])]
   (work / "prompts.json").write_text(json.dumps(ids))
   return {"impl": f"l2jax (JAX {jax.__version__}, stages.ppo)", "s_per_iter": statistics.median(it_s),
-          "s_generate": statistics.median(gen_s), "s_score": statistics.median(steady([r["t_score"] for r in rows], w, k)),
+          "s_generate": statistics.median(gen_s),
+          "s_score": statistics.median(steady([r["t_score"] for r in rows], w, k)),
           "s_train": statistics.median(steady([r["t_train"] for r in rows], w, k)),
           "gen_tokens_per_s": statistics.median(n / t for n, t in zip(new_tok, gen_s)),
           "new_tokens_per_iter": statistics.median(new_tok), "first_iter_s": starts[1] - starts[0],
-          "iter_s": it_s, "total_s": total, "prompts": len(data.train_ids), "mean_prompt_len": sum(map(len, ids)) / len(ids)}
+          "iter_s": it_s, "total_s": total, "prompts": len(data.train_ids),
+          "mean_prompt_len": sum(map(len, ids)) / len(ids)}
 
 
 def run_trl(spec: dict) -> dict:

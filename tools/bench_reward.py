@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ppo import ROOT, TOKENIZER, child, child_main, hf_models, l2jax_models, load_avg, steady, trl_available  # noqa: E402
+from bench_ppo import (ROOT, TOKENIZER, child, child_main, hf_models, l2jax_models, load_avg,  # noqa: E402
+                       steady, trl_available)
 
 
 def _reward_config(spec: dict, init_dir: Path):
@@ -102,7 +103,8 @@ def run_l2jax(spec: dict) -> dict:
   (work / "pairs.json").write_text(json.dumps(out))
   return {"impl": f"l2jax (JAX {jax.__version__}, stages.reward)", "s_per_step": statistics.median(it_s),
           "pairs_per_s": spec["batch"] / statistics.median(it_s), "first_step_s": starts[1] - starts[0],
-          "step_s": it_s, "total_s": total, "train_pairs": len(pairs), "mean_real_tokens_per_row": float(np.mean(real)) / 2,
+          "step_s": it_s, "total_s": total, "train_pairs": len(pairs),
+          "mean_real_tokens_per_row": float(np.mean(real)) / 2,
           "rated_share": float(np.mean([p["margin"] > 0 for p in out]))}
 
 
