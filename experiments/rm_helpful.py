@@ -1,6 +1,6 @@
 r"""Helpfulness reward model (Llama 2 section 3.2.2).
 
-  python -m l2jax.launch experiments/rm_helpful.py:tiny   # CPU, about two minutes: shipped HH-RLHF + OASST
+  python -m l2jax.launch experiments/rm_helpful.py:tiny   # CPU, a few minutes (+ SFT tiny first): shipped HH-RLHF + OASST
   python -m l2jax.launch experiments/rm_helpful.py:7b     # also 13b, 70b; backbone from runs/sft-<size>/final
 
 Data ("Data Composition"): all helpfulness data, combined with an equal part (mix_fraction 0.5) sampled
@@ -11,9 +11,11 @@ layout) and data/oasst/, or point data.sources / data.mix elsewhere. The shipped
 in full (Table 7's "Anthropic Helpful" / "Anthropic Harmless" columns).
 Training ("Training Details"): one epoch; lr 1e-5 (5e-6 for 70B), cosine decay to 10%, warmup 3% of the
 steps (at least 5), 512 pairs (1024 rows) per batch; the small margin of Table 27; other AdamW settings as in
-pretraining. `tiny` trains a random 2-layer, 128-wide model for one epoch over rows of 128 tokens built from
+pretraining. `tiny` starts from experiments/sft.py:tiny (run first when runs/sft-tiny/final is missing; the
+paper initialises reward models from the chat model) and trains its 4-layer, 128-wide backbone with a fresh head for one epoch over rows of 128 tokens built from
 the shipped HH-RLHF test files and OASST trees, holding out 20% of the conversations of each file for its
 accuracy table (run_dir/reward_eval.{json,md,png}); see docs/reward.md for what it reaches.
+`test` is the same for 3 steps from experiments/sft.py:test (seconds), for the test chains of later stages.
 """
 from l2jax import config as c
 from l2jax.model import presets

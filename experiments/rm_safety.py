@@ -1,6 +1,6 @@
 r"""Safety reward model (Llama 2 section 3.2.2).
 
-  python -m l2jax.launch experiments/rm_safety.py:tiny   # CPU, about two minutes: shipped HH-RLHF + OASST
+  python -m l2jax.launch experiments/rm_safety.py:tiny   # CPU, a few minutes (+ SFT tiny first): shipped HH-RLHF + OASST
   python -m l2jax.launch experiments/rm_safety.py:7b     # also 13b, 70b; backbone from runs/sft-<size>/final
 
 Data ("Data Composition"): all safety data and Anthropic harmless data, mixed with helpfulness and open-source
@@ -11,9 +11,12 @@ harmless-base as the safety data (add yours as "jsonl:PATH" to data.sources) and
 OpenAssistant as the helpfulness part; place them under data/hh-rlhf/<subset>/train.jsonl.gz and data/oasst/.
 The shipped HH test sets are evaluated in full.
 Training: as the helpfulness RM (one epoch; lr 1e-5, 5e-6 for 70B; cosine to 10%; warmup 3% of the steps, at
-least 5; 512 pairs per batch; the small margin of Table 27). `tiny` trains a random 2-layer, 128-wide model
+least 5; 512 pairs per batch; the small margin of Table 27). `tiny` starts from
+experiments/sft.py:tiny (run first when runs/sft-tiny/final is missing; the paper initialises reward models
+from the chat model) and trains its 4-layer, 128-wide backbone with a fresh head
 for one epoch over rows of 128 tokens built from the shipped HH-RLHF test files and OASST trees, holding out
 20% of the conversations of each file for its accuracy table (run_dir/reward_eval.*); see docs/reward.md.
+`test` is the same for 3 steps from experiments/sft.py:test (seconds), for the test chains of later stages.
 """
 from l2jax import config as c
 from l2jax.model import presets
