@@ -108,7 +108,10 @@ def test_writes_samples_final_value_and_plot(two_iterations, models):
   assert rows[0]["prompt"][-1]["role"] == "user" and isinstance(rows[0]["response"], str)
   assert {"rh", "rs", "rc", "is_safety"} <= set(rows[0])
   early = json.loads((run_dir / "early_stop.json").read_text())
-  assert early["best_step"] in (1, 2) and [h["step"] for h in early["history"]] == [1, 2]
+  assert early["best_step"] in (0, 1, 2) and [h["step"] for h in early["history"]] == [0, 1, 2]
+  assert "eval_rc" in metrics(run_dir)[0]           # the starting policy is evaluated as iteration 0
+  from l2jax.stages.ppo_outputs import summary
+  assert summary(run_dir).startswith("ppo: held-out at iteration 0: Rc ") and "python -m l2jax.report" in summary(run_dir)
   policy = l2jax.load(run_dir / "final")                 # final/ is a model directory l2jax.chat opens
   assert policy(jnp.array([[1, 5, 6]], jnp.int32)).shape == (1, 3, 512)
   value = l2jax.reward.load(run_dir / "value")

@@ -298,7 +298,10 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
   out.trim_samples(run_dir, start)
   hooks = ()
   if cfg.eval_every and data.held:
-    hooks = (train.Hook(cfg.eval_every, out.eval_hook(cfg, progs, m, data, run_dir, early, step)),)
+    hook = out.eval_hook(cfg, progs, m, data, run_dir, early, step)
+    hooks = (train.Hook(cfg.eval_every, hook),)
+    if start == 0 and not early.history:   # the starting policy's held-out figures, logged as iteration 0
+      out.log_step(run_dir, 0, hook(0, state), cfg.tensorboard)
   status = "done"
   if early.stopped:
     print(f"ppo: stopped early before (best iteration {early.best_step}); nothing to do", file=sys.stderr)
@@ -319,4 +322,5 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
     last_state = result.state if result is not None else None
     out.write_final(run_dir, m, last_state, early)
     out.plot(run_dir)
+    print(out.summary(run_dir), file=sys.stderr)
   return result

@@ -145,6 +145,33 @@ def eval_hook(cfg, progs, m, data, run_dir: Path, early: EarlyStopping, step_obj
   return hook
 
 
+def log_step(run_dir: Path, step: int, metrics: dict, tensorboard: bool) -> None:
+  """Append one line of metrics (e.g. the evaluation of the starting policy, iteration 0)."""
+  from l2jax.metrics import MetricsWriter
+  w = MetricsWriter(run_dir, tensorboard=tensorboard)
+  w.write(step, metrics)
+  w.close()
+
+
+def summary(run_dir: Path) -> str:
+  """One line: held-out Rc / KL / violation rate at the start (iteration 0) and of final/, and the report."""
+  rows: dict[int, dict] = {}
+  p = Path(run_dir) / "metrics.jsonl"
+  for line in p.read_text().splitlines() if p.is_file() else []:
+    r = json.loads(line)
+    rows.setdefault(r["step"], {}).update(r)
+  evals = {s: r for s, r in rows.items() if "eval_rc" in r}
+  early = json.loads((Path(run_dir) / EARLY).read_text()) if (Path(run_dir) / EARLY).is_file() else {}
+  tail = f"; report: python -m l2jax.report {run_dir}"
+  if not evals:
+    return f"ppo: {len(rows)} iterations, no held-out evaluation{tail}"
+  first, best = min(evals), early.get("best_step", max(evals))
+  f = lambda r: (f"Rc {r['eval_rc']:.3f} (Rh {r['eval_rh']:.3f}, Rs {r['eval_rs']:.3f}), KL {r['eval_kl']:.3f}, "
+                 f"violations {r['eval_violation_rate']:.0%}")
+  return (f"ppo: held-out at iteration {first}: {f(evals[first])} -> final/ (iteration {best}): "
+          f"{f(evals.get(best, evals[max(evals)]))}{tail}")
+
+
 def trim_samples(run_dir: Path, start: int) -> None:
   """Drop samples.jsonl lines of iterations after `start` (a resumed run redoes them)."""
   p = Path(run_dir) / "samples.jsonl"
