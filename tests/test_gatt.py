@@ -203,7 +203,8 @@ def test_config_validation():
 
 @pytest.mark.slow
 def test_gatt_test_experiment_from_an_empty_run_dir(tmp_path):
-  env = {**os.environ, "L2JAX_RUNS": str(tmp_path / "runs"), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "L2JAX_RUNS": str(tmp_path / "runs"), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   r = subprocess.run([sys.executable, "-m", "l2jax.launch", "experiments/gatt.py:test"], cwd=REPO, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
