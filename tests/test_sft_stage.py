@@ -127,6 +127,18 @@ def test_killed_run_resumes_exactly(reference_run, init_dir, tmp_path):
   assert (tmp_path / "samples.jsonl").read_text() == (reference_run / "samples.jsonl").read_text()
 
 
+def test_killed_after_its_last_checkpoint_writes_final_on_resume(reference_run, init_dir, tmp_path):
+  """A run killed between its last checkpoint and final/ (the data iterator is exhausted) resumes to final/."""
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(reference_run, run)
+  shutil.rmtree(run / "final")
+  rc, out, err = launch(run, init_dir)
+  assert rc == 0 and "resumed from" in err, err[-2000:]
+  for a, b in zip(final_params(run), final_params(reference_run)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_steps_follow_epochs_and_override(init_dir):
   from l2jax.data.tokenizer import Tokenizer
   from l2jax.stages import sft

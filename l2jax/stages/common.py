@@ -165,16 +165,20 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
   else:
     params = setup.init_params()
     state = jax.jit(lambda p: train.init_state(p, optimizer, cfg.seed), out_shardings=st_sh)(params)
-  first = train_batches.get_state()
-  example = next(train_batches)
-  train_batches.set_state(first)
-  step = train.compile_step(step_fn, abstract_state, setup.param_axes, mesh, example)
-  result = train.run(step, state, train_batches, total_steps=cfg.steps, run_dir=run_dir, ckpt=ck,
-                     ckpt_every=cfg.ckpt.every, mesh=mesh, log_every=cfg.log_every,
-                     hooks=((eval_hook,) if eval_hook else ()) + tuple(hooks),
-                     tokens_per_step=tokens_per_step or cfg.global_batch * cfg.seq_len,
-                     flops_per_token=flops_per_token or setup.model_cfg.flops_per_token(cfg.seq_len),
-                     tensorboard=cfg.tensorboard, description=type(cfg).stage)
+  done_step = int(jax.device_get(state["step"]))
+  if done_step >= cfg.steps:   # killed after its last checkpoint, before final/: nothing left to train
+    result = train.RunResult(done_step, "done", state, {})
+  else:
+    first = train_batches.get_state()
+    example = next(train_batches)   # (a finite iterator at its end has nothing left for the example batch)
+    train_batches.set_state(first)
+    step = train.compile_step(step_fn, abstract_state, setup.param_axes, mesh, example)
+    result = train.run(step, state, train_batches, total_steps=cfg.steps, run_dir=run_dir, ckpt=ck,
+                       ckpt_every=cfg.ckpt.every, mesh=mesh, log_every=cfg.log_every,
+                       hooks=((eval_hook,) if eval_hook else ()) + tuple(hooks),
+                       tokens_per_step=tokens_per_step or cfg.global_batch * cfg.seq_len,
+                       flops_per_token=flops_per_token or setup.model_cfg.flops_per_token(cfg.seq_len),
+                       tensorboard=cfg.tensorboard, description=type(cfg).stage)
   ck.close()
   if result.status == "done":
     write_final(run_dir, result.step, result.state["params"],
