@@ -264,7 +264,7 @@ def test_tiny_chain_through_the_launcher_from_an_empty_runs_dir(tmp_path):
   saved = json.loads((runs / "ppo-test" / "config.json").read_text())
   assert saved["policy"] == str(runs / "sft-test" / "final")     # references resolved in the saved config
   m = metrics(runs / "ppo-test")
-  assert sorted(m) == [1, 2] and "eval_rc" in m[2]
+  assert sorted(m) == [0, 1, 2] and "eval_rc" in m[0] and "eval_rc" in m[2]
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "first" not in again.stderr and sorted(metrics(runs / "ppo-test")) == [1, 2]
+  assert "first" not in again.stderr and sorted(metrics(runs / "ppo-test")) == [0, 1, 2]
