@@ -60,7 +60,7 @@ def remove_stale_tmp(final: str | Path) -> list[Path]:
   for p in final.parent.glob(f".{final.name}.tmp-*"):
     tag = p.name[len(f".{final.name}.tmp-"):]
     pid = tag[1:].split("-", 1)[0] if tag.startswith("p") else ""
-    if pid.isdigit() and _pid_alive(int(pid)):
+    if pid.isdigit() and pid_alive(int(pid)):
       continue
     if p.is_dir():
       shutil.rmtree(p, ignore_errors=True)
@@ -70,7 +70,8 @@ def remove_stale_tmp(final: str | Path) -> list[Path]:
   return gone
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether process `pid` exists on this host (stale temp directories and locks are those of dead ones)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:

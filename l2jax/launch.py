@@ -147,13 +147,8 @@ def remove_litter(run_dir: Path) -> list[str]:
 
 
 def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+  from l2jax.checkpoint import pid_alive   # jax is imported with it: not at launcher import time
+  return pid_alive(pid)
 
 
 class RunLock:

@@ -18,6 +18,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from l2jax.eval import save_figure
+
 TEMPERATURES = tuple(round(0.1 * k, 1) for k in range(1, 16))   # 0.1 ... 1.5, the paper's grid
 SAMPLES_PER_PROMPT = 25
 PROMPT_SETS = ("factual", "creative")
@@ -96,10 +98,4 @@ def plot(curves: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Pa
     ax.set_ylabel("Self-BLEU (higher = less diverse)")
     ax.set_title(f"{name} prompts", fontsize=9)
     ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  path = Path(path)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path, title)

@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from l2jax.data.preferences import RATING_TITLES, RATINGS, UNRATED
+from l2jax.eval import save_figure
 
 
 def pair_correct(chosen_n: np.ndarray, rejected_n: np.ndarray) -> np.ndarray:
@@ -121,13 +122,7 @@ def plot(results: Mapping[str, dict], path: str | Path, title: str = "") -> Path
     ax.set_xticks(range(len(vals)), labels, fontsize=7)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{name}: accuracy by rating", fontsize=9)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  path = Path(path)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path, title)
 
 
 def write_report(run_dir: str | Path, results: Mapping[str, dict], meta: dict | None = None,

@@ -15,6 +15,8 @@ from typing import Mapping
 
 import numpy as np
 
+from l2jax.eval import save_figure
+
 
 def sigmoid(x) -> np.ndarray:
   return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
@@ -68,10 +70,4 @@ def plot(sets: Mapping[str, Mapping[str, Mapping[str, list]]], path: str | Path,
     ax.set_ylabel("helpfulness RM score (sigmoid)")
     ax.set_title(f"{side} answers\n" + "; ".join(corrs), fontsize=8)
     ax.legend(fontsize=7, loc="lower left")
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  path = Path(path)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path, title)
