@@ -1,0 +1,143 @@
+"""PPO configs (Llama 2 section 3.2.3): RewardModels, Prompts, PPO."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from l2jax.config.core import AdamW, Checkpointing, Mesh, register
+from l2jax.model.config import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModels:
+  """The two reward models of Llama 2 (section 3.2.2) and the combination rule of section 3.2.3.
+
+  helpful / safety: reward-model directories (written by the reward stage) or experiment references
+  ("experiments/rm_helpful.py:7b"). safety_threshold: Rc uses the safety score when sigmoid(Rs) < threshold
+  (0.15 in the paper) or the prompt is a safety prompt.
+  """
+  helpful: str = ""
+  safety: str = ""
+  safety_threshold: float = 0.15
+
+  def __post_init__(self):
+    if not 0.0 < self.safety_threshold < 1.0:
+      raise ValueError(f"reward_models.safety_threshold: expected a probability in (0, 1), found "
+                       f"{self.safety_threshold}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  """Prompts for RL (l2jax/data/prompts.py): "FORMAT:PATH" sources with their IS_SAFETY flag.
+
+  FORMAT: hh-safety (HH-RLHF transcripts, safety prompts), hh-helpful, oasst (helpfulness), jsonl
+  ({"messages": [...], "safety": bool}). max_prompt_tokens: longer prompts are dropped and counted.
+  heldout_fraction: share held out (deterministic by prompt) for evaluation; eval_prompts: how many of them
+  each evaluation answers (0 = all). system: a system prompt for every prompt ("" = none).
+  """
+  sources: tuple[str, ...] = ()
+  max_prompt_tokens: int = 256
+  heldout_fraction: float = 0.05
+  eval_prompts: int = 256
+  system: str = ""
+  skip_bad: bool = False
+
+  def __post_init__(self):
+    if self.max_prompt_tokens < 1:
+      raise ValueError(f"prompts.max_prompt_tokens: expected >= 1, found {self.max_prompt_tokens}")
+    if not 0.0 <= self.heldout_fraction < 1.0:
+      raise ValueError(f"prompts.heldout_fraction: expected a value in [0, 1), found {self.heldout_fraction}")
+    if self.eval_prompts < 0:
+      raise ValueError(f"prompts.eval_prompts: expected >= 0, found {self.eval_prompts}")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PPO:
+  """PPO on the combined safety / helpfulness reward (Llama 2 section 3.2.3; docs/ppo.md).
+
+  policy: the l2jax checkpoint PPO starts from (pi_0, also the frozen reference) or an experiment reference.
+  value_init: "helpful" (the value model starts as the helpfulness reward model, Stiennon et al. 2020) or
+  "policy" (the policy's backbone with a fresh head). model: numerics (dtype, param_dtype, remat) of the
+  trained policy and value model; the architecture comes from the checkpoints. frozen_dtype: dtype in which
+  the reference and both reward models are held (frozen, never trained).
+  Each iteration samples `batch_prompts` prompts, one response each (at most `max_new_tokens` tokens at
+  `temperature` / `top_p`: 1.0 / 1.0 samples from the policy itself, so the KL and the PPO ratio are those of
+  the sampled distribution), scores them and takes `ppo_epochs * batch_prompts / minibatch` AdamW steps for
+  the policy (optim) and for the value model (value_optim); micro_batch splits a mini-batch for gradient
+  accumulation (0 = none); generate_chunks: responses are decoded in this many sequential chunks of rows (the
+  KV cache shrinks by that factor; the tokens are the same).
+  kl_beta: beta of R = R~c - beta * KL (0.01 for 7B/13B, 0.005 for 34B/70B). clip: PPO ratio clip.
+  value_clip: clip of the value loss around the old values. gamma, lam: GAE. missing_eos_penalty: subtracted
+  from the whitened score of a response that ends without EOS (0 = off).
+  iterations: PPO iterations (the loop's steps). eval_every: held-out evaluation every N iterations (and at
+  the end; 0 = none). patience: stop after this many evaluations without a better held-out mean Rc (0 = never
+  stop early); final/ is the best evaluated policy when evaluations ran, else the last.
+  samples_logged: responses written to samples.jsonl per iteration.
+  device_memory_gib / plan_devices: `--check-sharding` checks the per-device memory plan against this much
+  accelerator memory on `plan_devices` devices (0 = the devices present).
+  """
+  stage: ClassVar[str] = "ppo"
+  name: str = "ppo"
+  policy: str = ""
+  reward_models: RewardModels = RewardModels()
+  value_init: str = "helpful"
+  model: LlamaConfig = LlamaConfig()
+  frozen_dtype: str = "bfloat16"
+  prompts: Prompts = Prompts()
+  max_new_tokens: int = 512
+  temperature: float = 1.0
+  top_p: float = 1.0
+  kl_beta: float = 0.01
+  clip: float = 0.2
+  value_clip: float = 0.2
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten_advantages: bool = True
+  missing_eos_penalty: float = 0.0
+  optim: AdamW = AdamW(lr=1e-6, warmup_steps=0, schedule="constant", weight_decay=0.1, clip=1.0)
+  value_optim: AdamW = AdamW(lr=9e-6, warmup_steps=0, schedule="constant", weight_decay=0.1, clip=1.0)
+  batch_prompts: int = 512
+  minibatch: int = 64
+  micro_batch: int = 0
+  generate_chunks: int = 1
+  ppo_epochs: int = 1
+  iterations: int = 200
+  eval_every: int = 10
+  patience: int = 0
+  samples_logged: int = 4
+  device_memory_gib: float = 80.0
+  plan_devices: int = 0
+  seed: int = 0
+  mesh: Mesh = Mesh()
+  ckpt: Checkpointing = Checkpointing(every=10, keep=2)
+  log_every: int = 1
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    if self.value_init not in ("helpful", "policy"):
+      raise ValueError(f"value_init: expected 'helpful' or 'policy', found {self.value_init!r}")
+    if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"frozen_dtype: expected float32, bfloat16 or float16, found {self.frozen_dtype!r}")
+    for k in ("batch_prompts", "minibatch", "ppo_epochs", "iterations", "max_new_tokens"):
+      if getattr(self, k) < 1:
+        raise ValueError(f"{k}: expected >= 1, found {getattr(self, k)}")
+    if self.batch_prompts % self.minibatch:
+      raise ValueError(f"batch_prompts={self.batch_prompts} is not a multiple of minibatch={self.minibatch}")
+    if self.generate_chunks < 1 or self.batch_prompts % self.generate_chunks:
+      raise ValueError(f"generate_chunks={self.generate_chunks} must divide batch_prompts={self.batch_prompts}")
+    if self.micro_batch < 0 or (self.micro_batch and self.minibatch % self.micro_batch):
+      raise ValueError(f"micro_batch={self.micro_batch} must be 0 or divide minibatch={self.minibatch}")
+    if not (self.temperature > 0 and 0.0 < self.top_p <= 1.0):
+      raise ValueError(f"temperature={self.temperature}, top_p={self.top_p}: expected temperature > 0 and "
+                       f"0 < top_p <= 1")
+    for k in ("kl_beta", "clip", "value_clip", "missing_eos_penalty", "eval_every", "patience", "samples_logged",
+              "device_memory_gib", "plan_devices"):
+      v = getattr(self, k)
+      if not v >= 0:  # also rejects NaN
+        raise ValueError(f"{k}: expected >= 0, found {v}")
+    if not (0.0 < self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+      raise ValueError(f"gamma={self.gamma}, lam={self.lam}: expected 0 < gamma <= 1 and 0 <= lam <= 1")
+
+
+__all__ = ["RewardModels", "Prompts", "PPO"]
