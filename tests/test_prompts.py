@@ -105,6 +105,41 @@ def test_split_heldout_deterministic_disjoint():
   assert P.split_heldout(deep, 0.0) == (list(deep), [])
 
 
+def test_heldout_parts_disjoint_and_stable_across_fractions(mixed):
+  _, held = P.split_heldout(mixed, 0.3)
+  _, sel = P.split_heldout(mixed, 0.3, part="select")
+  _, rep = P.split_heldout(mixed, 0.3, part="report")
+  assert sel and rep and len(sel) + len(rep) == len(held)
+  assert not {p.conversation for p in sel} & {p.conversation for p in rep}
+  # a prompt keeps its half when the held-out fraction grows
+  _, sel_big = P.split_heldout(mixed, 0.6, part="select")
+  assert {p.key for p in sel} <= {p.key for p in sel_big}
+  assert not {p.key for p in sel_big} & {p.key for p in rep}
+  with pytest.raises(ValueError, match="held-out part"):
+    P.split_heldout(mixed, 0.3, part="test")
+
+
+def test_stratified_sample_counts_by_hand():
+  # 60 safety (hh-safety), 30 helpful (hh-helpful), 10 oasst: 20 drawn -> 12 / 6 / 2 exactly.
+  def mk(src, safe, i):
+    return P.Prompt(({"role": "user", "content": f"{src}{i}"},), safe, f"{src}:x", f"x:{i}", f"{src}{i}")
+  ps = [mk("hh-safety", True, i) for i in range(60)] + [mk("hh-helpful", False, i) for i in range(30)] + \
+       [mk("oasst", False, i) for i in range(10)]
+  idx = P.stratified_sample(ps, 20, seed=0)
+  assert idx == sorted(idx) and len(set(idx)) == 20
+  st = P.eval_stats([ps[i] for i in idx])
+  assert st["by_stratum"] == {"hh-helpful/helpful": 6, "hh-safety/safety": 12, "oasst/helpful": 2}
+  assert st["safety_share"] == pytest.approx(0.6)
+  # not the first 20 (all safety), seeded, and a different seed draws other rows of each stratum
+  assert idx != list(range(20)) and idx == P.stratified_sample(ps, 20, seed=0)
+  assert idx != P.stratified_sample(ps, 20, seed=1)
+  # a small stratum is never rounded away: 4 drawn from 3 strata keeps oasst (exact share 0.4)
+  st4 = P.eval_stats([ps[i] for i in P.stratified_sample(ps, 4, seed=0)])
+  assert st4["prompts"] == 4 and set(st4["by_stratum"]) == {"hh-helpful/helpful", "hh-safety/safety",
+                                                           "oasst/helpful"}
+  assert P.stratified_sample(ps, 0, seed=0) == list(range(100)) == P.stratified_sample(ps, 500, seed=0)
+
+
 def test_prompt_batches_resume_and_process_sharding(tok, mixed):
   ids, kept, _ = P.encode_prompts(tok, mixed[::200], 96)
   assert len(ids) >= 9

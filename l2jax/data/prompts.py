@@ -198,10 +198,79 @@ def is_heldout(prompt: Prompt, fraction: float) -> bool:
   return zlib.crc32(prompt.conversation.encode("utf-8")) % 10_000 < round(fraction * 10_000)
 
 
-def split_heldout(prompts: Sequence[Prompt], fraction: float) -> tuple[list[Prompt], list[Prompt]]:
-  """(train, held-out) by `is_heldout`, order kept."""
+HELDOUT_PARTS = ("select", "report")
+
+
+def heldout_part(prompt: Prompt) -> str:
+  """Which half of the held-out prompts `prompt` belongs to: "select" or "report".
+
+  The evaluation protocol: prompts that select a checkpoint (PPO's early stopping and `final/`, rejection
+  sampling's Figure 8 temperature) and prompts that report a result (the versions' win rates, reward shift,
+  Figure 11) must be disjoint, or the reported numbers are optimistic. Both halves are drawn from the held-out
+  conversations (`is_heldout`), by a second CRC32 with its own salt so the halves are independent of the
+  held-out fraction: a prompt keeps its half at every fraction.
+  """
+  return HELDOUT_PARTS[zlib.crc32(b"part:" + prompt.conversation.encode("utf-8")) % 2]
+
+
+def split_heldout(prompts: Sequence[Prompt], fraction: float,
+                  part: str | None = None) -> tuple[list[Prompt], list[Prompt]]:
+  """(train, held-out) by `is_heldout`, order kept; with `part` ("select" | "report") only that half of the
+  held-out prompts is returned (the other half is in neither list)."""
+  if part is not None and part not in HELDOUT_PARTS:
+    raise ValueError(f"held-out part: expected one of {HELDOUT_PARTS}, found {part!r}")
   held = [is_heldout(p, fraction) for p in prompts]
-  return [p for p, h in zip(prompts, held) if not h], [p for p, h in zip(prompts, held) if h]
+  return ([p for p, h in zip(prompts, held) if not h],
+          [p for p, h in zip(prompts, held) if h and (part is None or heldout_part(p) == part)])
+
+
+def stratum(prompt: Prompt) -> tuple[str, bool]:
+  """The stratum of an evaluation sample: (source format, IS_SAFETY)."""
+  return prompt.source.split(":", 1)[0], prompt.is_safety
+
+
+def stratified_sample(prompts: Sequence[Prompt], n: int, seed: int) -> list[int]:
+  """Indices of a seeded sample of `n` of `prompts` (all when n <= 0 or n >= len), stratified by `stratum`.
+
+  Each stratum gets n * its share, rounded by largest remainder (so a stratum never vanishes by rounding when n
+  is at least the number of strata), drawn without replacement with numpy's Generator([seed, stratum index]).
+  The result is in the original order. Never "the first n": the source order puts one source first, and an
+  evaluation of the first n can see one kind of prompt only.
+  """
+  if n <= 0 or n >= len(prompts):
+    return list(range(len(prompts)))
+  groups: dict[tuple, list[int]] = {}
+  for i, p in enumerate(prompts):
+    groups.setdefault(stratum(p), []).append(i)
+  keys = sorted(groups, key=lambda k: (k[0], k[1]))
+  exact = [n * len(groups[k]) / len(prompts) for k in keys]
+  take = [int(x) for x in exact]
+  if n >= len(keys):  # every stratum at least one
+    take = [max(t, 1) for t in take]
+  while sum(take) > n:
+    j = max((j for j in range(len(keys)) if take[j] > 1), key=lambda j: take[j] - exact[j])
+    take[j] -= 1
+  for j in sorted(range(len(keys)), key=lambda j: exact[j] - take[j], reverse=True):
+    if sum(take) == n:
+      break
+    if take[j] < len(groups[keys[j]]):
+      take[j] += 1
+  picked = []
+  for j, k in enumerate(keys):
+    rng = np.random.default_rng([seed, j])
+    picked += [groups[k][i] for i in rng.choice(len(groups[k]), size=take[j], replace=False)]
+  return sorted(picked)
+
+
+def eval_stats(prompts: Sequence[Prompt]) -> dict[str, Any]:
+  """{"prompts", "safety_share", "by_stratum": {"FORMAT/safety|helpful": count}} of an evaluation set."""
+  by: dict[str, int] = {}
+  for p in prompts:
+    src, safe = stratum(p)
+    key = f"{src}/{'safety' if safe else 'helpful'}"
+    by[key] = by.get(key, 0) + 1
+  return {"prompts": len(prompts), "safety_share": sum(p.is_safety for p in prompts) / max(len(prompts), 1),
+          "by_stratum": dict(sorted(by.items()))}
 
 
 def encode_prompts(tok, prompts: Sequence[Prompt], max_prompt_tokens: int,
