@@ -219,6 +219,11 @@ def test_rows_are_the_chat_format_and_truncate_from_the_left(tok, helpful):
   for row, resp in zip(rows, (p.chosen, p.rejected)):
     ids, _ = encode_chat_with_mask(tok, p.messages() + [{"role": "assistant", "content": resp}])
     assert row == ids and row[0] == tok.bos_id and row[-1] == tok.eos_id
+  # a cut-off response is scored as unfinished: the same row without the closing EOS
+  cut = P.encode_responses(tok, p.messages(), [p.chosen, p.rejected], 10_000, finished=[False, True])
+  assert cut[0] == rows[0][:-1] and cut[0][-1] != tok.eos_id and cut[1] == rows[1]
+  with pytest.raises(ValueError, match="finished flags"):
+    P.encode_responses(tok, p.messages(), [p.chosen], 10_000, finished=[True, False])
   short = P.encode_responses(tok, p.messages(), [p.chosen], 40)[0]
   assert len(short) == 40 and short[0] == tok.bos_id and short[1:] == rows[0][-39:]
   b = P.pair_batch(tok, helpful[:3], 64, size=4)

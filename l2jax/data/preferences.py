@@ -371,11 +371,26 @@ def truncate_left(ids: list[int], max_len: int) -> list[int]:
 
 
 def encode_responses(tok: Tokenizer, messages: Sequence[dict], responses: Sequence[str],
-                     max_len: int) -> list[list[int]]:
-  """Rows for one dialog context and each response: encode_chat(dialog) + answer pieces (ending with EOS)."""
+                     max_len: int, finished: bool | Sequence[bool] = True) -> list[list[int]]:
+  """Rows for one dialog context and each response: encode_chat(dialog) + answer pieces.
+
+  A finished response ends with EOS, as Meta's chat format closes an answer. A response that was cut off by a
+  token limit (finished False) gets no EOS: a reward model must score it as the unfinished answer it is, never
+  as a complete one (so rejection sampling cannot pick, and fine-tune with an EOS, an answer stopped
+  mid-sentence).
+  """
   prompt = encode_chat(tok, messages)
   last_user = chat_exchanges(messages)[-1][0]
-  return [truncate_left(prompt + exchange_pieces(tok, last_user, r)[1], max_len) for r in responses]
+  done = [finished] * len(responses) if isinstance(finished, bool) else list(finished)
+  if len(done) != len(responses):
+    raise ValueError(f"encode_responses: {len(done)} finished flags for {len(responses)} responses")
+  rows = []
+  for r, d in zip(responses, done):
+    answer = exchange_pieces(tok, last_user, r)[1]
+    if not d and answer and answer[-1] == tok.eos_id:
+      answer = answer[:-1]
+    rows.append(truncate_left(prompt + answer, max_len))
+  return rows
 
 
 def rows_to_arrays(rows: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
