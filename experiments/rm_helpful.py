@@ -17,6 +17,8 @@ the shipped HH-RLHF test files and OASST trees, holding out 20% of the conversat
 accuracy table (run_dir/reward_eval.{json,md,png}); see docs/reward.md for what it reaches.
 `test` is the same for 3 steps from experiments/sft.py:test (seconds), for the test chains of later stages.
 """
+import dataclasses
+
 from l2jax import config as c
 from l2jax.model import presets
 
@@ -27,7 +29,21 @@ HH_TEST = ("hh:data/hh-rlhf/helpful-base-test.jsonl.gz", "hh:data/hh-rlhf/harmle
 
 
 def get_config(arg: str | None = None) -> c.RewardModel:
-  size = arg or "tiny"
+  size, role = _split(arg or "tiny")
+  cfg = _sized(size)
+  return dataclasses.replace(cfg, name=cfg.name + ("-judge" if role == "judge" else ""),
+                             data=dataclasses.replace(cfg.data, part=role))
+
+
+def _split(arg: str) -> tuple[str, str]:
+  """'tiny' -> ('tiny', 'trainer'); 'tiny-judge' -> ('tiny', 'judge')."""
+  size, _, role = arg.partition("-")
+  if role not in ("", "judge"):
+    raise ValueError(f"unknown variant {arg!r}; choose <size> or <size>-judge (size: tiny, test, {', '.join(SIZES)})")
+  return size, role or "trainer"
+
+
+def _sized(size: str) -> c.RewardModel:
   if size == "tiny":
     return c.RewardModel(
         name="rm-helpful-tiny", objective="helpfulness", model=presets.get("tiny"), init="experiments/sft.py:tiny",

@@ -18,6 +18,8 @@ for one epoch over rows of 128 tokens built from the shipped HH-RLHF test files 
 20% of the conversations of each file for its accuracy table (run_dir/reward_eval.*); see docs/reward.md.
 `test` is the same for 3 steps from experiments/sft.py:test (seconds), for the test chains of later stages.
 """
+import dataclasses
+
 from l2jax import config as c
 from l2jax.model import presets
 
@@ -28,7 +30,21 @@ HH_TEST = ("hh:data/hh-rlhf/helpful-base-test.jsonl.gz", "hh:data/hh-rlhf/harmle
 
 
 def get_config(arg: str | None = None) -> c.RewardModel:
-  size = arg or "tiny"
+  size, role = _split(arg or "tiny")
+  cfg = _sized(size)
+  return dataclasses.replace(cfg, name=cfg.name + ("-judge" if role == "judge" else ""),
+                             data=dataclasses.replace(cfg.data, part=role))
+
+
+def _split(arg: str) -> tuple[str, str]:
+  """'tiny' -> ('tiny', 'trainer'); 'tiny-judge' -> ('tiny', 'judge')."""
+  size, _, role = arg.partition("-")
+  if role not in ("", "judge"):
+    raise ValueError(f"unknown variant {arg!r}; choose <size> or <size>-judge (size: tiny, test, {', '.join(SIZES)})")
+  return size, role or "trainer"
+
+
+def _sized(size: str) -> c.RewardModel:
   if size == "tiny":
     return c.RewardModel(
         name="rm-safety-tiny", objective="safety", model=presets.get("tiny"), init="experiments/sft.py:tiny",

@@ -213,6 +213,31 @@ def test_shipped_tiny_mixtures_match_their_weights():
     assert not any(p.where + p.chosen in trained for v in evals.values() for p in v)  # held-out never trained on
 
 
+
+def test_trainer_and_judge_parts_are_disjoint_halves_by_conversation(helpful):
+  trainer, judge = P.select_part(helpful, "trainer"), P.select_part(helpful, "judge")
+  assert len(trainer) + len(judge) == len(helpful) and P.select_part(helpful, "all") == list(helpful)
+  assert not {p.conversation for p in trainer} & {p.conversation for p in judge}   # one conversation, one side
+  assert abs(len(judge) / len(helpful) - 0.5) < 0.04
+  # independent of the held-out split: each half holds about its share of the held-out conversations
+  ho = {p.where for p in P.split_heldout(helpful, 0.2)[1]}
+  assert abs(sum(p.where in ho for p in judge) / len(judge) - 0.2) < 0.04
+  with pytest.raises(ValueError, match="preference part"):
+    P.select_part(helpful, "judges")
+
+
+def test_judge_reward_models_train_on_the_other_half_and_share_eval_sets():
+  from l2jax.launch import load_experiment
+  from l2jax.stages.reward import load_preferences
+  for exp in ("rm_helpful", "rm_safety"):
+    tr_cfg, judge_cfg = (load_experiment(str(ROOT / f"experiments/{exp}.py:{a}"))[0] for a in ("tiny", "tiny-judge"))
+    assert (tr_cfg.data.part, judge_cfg.data.part) == ("trainer", "judge")
+    assert judge_cfg.name == tr_cfg.name + "-judge"
+    mix_t, evals_t, _ = load_preferences(tr_cfg.data, tr_cfg.seed)
+    mix_j, evals_j, summary = load_preferences(judge_cfg.data, judge_cfg.seed)
+    assert summary["part"] == "judge"
+    assert not {p.conversation for p in mix_t} & {p.conversation for p in mix_j}    # disjoint training data
+    assert {k: [p.where for p in v] for k, v in evals_t.items()} == {k: [p.where for p in v] for k, v in evals_j.items()}
 def test_rows_are_the_chat_format_and_truncate_from_the_left(tok, helpful):
   p = helpful[1]
   rows = P.encode_responses(tok, p.messages(), [p.chosen, p.rejected], 10_000)

@@ -7,6 +7,8 @@ from typing import ClassVar
 from l2jax.config.core import AdamW, Checkpointing, Mesh, register
 from l2jax.model.config import LlamaConfig
 
+PARTS = ("all", "trainer", "judge")   # l2jax.data.preferences.data_part
+
 
 @dataclasses.dataclass(frozen=True)
 class Preferences:
@@ -21,6 +23,11 @@ class Preferences:
   safety_filter: drop pairs whose chosen response is labelled unsafe while the rejected one is labelled safe.
   tokenizer: SentencePiece model (an `init` checkpoint's own tokenizer.model wins).
   skip_bad: skip and report bad records instead of stopping at the first.
+  part: which half of the training conversations to train on: "all", "trainer" or "judge" (a salted hash of the
+  first user turn, l2jax.data.preferences.data_part; held-out sets are evaluated in full whatever the part). The
+  reward models that train a policy take "trainer", the held-out judges that score the versions take "judge", so a
+  judge never saw a pair its policy was trained towards (section 3.4: the paper checks its RMs with independent
+  judges).
   """
   sources: tuple[str, ...] = ()
   mix: tuple[str, ...] = ()
@@ -31,8 +38,11 @@ class Preferences:
   safety_filter: bool = True
   tokenizer: str = "data/llama2-tokenizer/tokenizer.model"
   skip_bad: bool = False
+  part: str = "all"
 
   def __post_init__(self):
+    if self.part not in PARTS:
+      raise ValueError(f"data.part: expected one of {PARTS}, found {self.part!r}")
     if not 0.0 <= self.mix_fraction < 1.0:
       raise ValueError(f"data.mix_fraction: expected a value in [0, 1), found {self.mix_fraction}")
     if not 0.0 <= self.heldout_fraction < 1.0:

@@ -340,6 +340,29 @@ def split_heldout(pairs: Sequence[Pair], fraction: float) -> tuple[list[Pair], l
   return [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h]
 
 
+DATA_PARTS = ("trainer", "judge")
+
+
+def data_part(pair: Pair) -> str:
+  """"trainer" or "judge": the half of the preference data a pair's conversation belongs to.
+
+  A CRC32 of the first user turn with its own salt ("rm-part:"), so the halves are independent of the held-out
+  split (`is_heldout`) and of the prompts' select / report halves (l2jax.data.prompts.heldout_part), and one
+  conversation is never in both. Reward models trained on the two halves are disjoint: a judge trained on the
+  "judge" half never saw a pair the policy's reward models (the "trainer" half) were trained on (section 3.4).
+  """
+  return DATA_PARTS[zlib.crc32(b"rm-part:" + pair.conversation.encode("utf-8")) % 2]
+
+
+def select_part(pairs: Sequence[Pair], part: str) -> list[Pair]:
+  """The pairs of `part` ("all" keeps every pair; "trainer" / "judge": `data_part`), order kept."""
+  if part == "all":
+    return list(pairs)
+  if part not in DATA_PARTS:
+    raise ValueError(f"preference part: expected 'all' or one of {DATA_PARTS}, found {part!r}")
+  return [p for p in pairs if data_part(p) == part]
+
+
 def mixture(primary: Sequence[Pair], pool: Sequence[Pair], fraction: float, seed: int) -> list[Pair]:
   """All of `primary` plus pairs sampled uniformly from `pool` so that they make `fraction` of the result.
 

@@ -106,7 +106,9 @@ def load_preferences(d: c.Preferences, seed: int) -> tuple[list[prefs.Pair], dic
   """(training mixture, {eval set name: pairs}, summary) for a Preferences config.
 
   Every file of `sources` and `mix` is safety-filtered and split; its held-out part is an eval set named after
-  the file (+ " held-out"); `eval_sources` files are eval sets in full. Pairs whose two answers are identical
+  the file (+ " held-out"); of the rest, only the conversations of `d.part` are trained on ("all", or the
+  "trainer" / "judge" half of `prefs.data_part`; held-out sets stay whole, so reward models of both halves are
+  evaluated on the same pairs); `eval_sources` files are eval sets in full. Pairs whose two answers are identical
   are dropped from every file and counted (`identical_dropped`, per file and in total).
   """
   errors: list[str] | None = [] if d.skip_bad else None
@@ -120,11 +122,13 @@ def load_preferences(d: c.Preferences, seed: int) -> tuple[list[prefs.Pair], dic
         distinct, identical = prefs.drop_identical(pairs)
         kept, dropped = prefs.safety_filter(distinct) if d.safety_filter else (distinct, 0)
         tr, held = prefs.split_heldout(kept, d.heldout_fraction)
-        (primary if group == "sources" else pool).extend(tr)
+        mine = prefs.select_part(tr, d.part)
+        (primary if group == "sources" else pool).extend(mine)
         if held:
           evals[_set_name(path, evals) + " held-out"] = held
         files[path] = {"group": group, "pairs": len(pairs), "identical_dropped": identical,
-                       "safety_dropped": dropped, "train": len(tr), "heldout": len(held)}
+                       "safety_dropped": dropped, "train": len(mine), "other_part": len(tr) - len(mine),
+                       "heldout": len(held)}
   for spec in d.eval_sources:
     for path, pairs in prefs.read_source(spec, errors).items():
       distinct, identical = prefs.drop_identical(pairs)
@@ -135,7 +139,7 @@ def load_preferences(d: c.Preferences, seed: int) -> tuple[list[prefs.Pair], dic
   mixture = prefs.mixture(primary, pool, d.mix_fraction, seed)
   if d.eval_pairs > 0:
     evals = {k: v[:d.eval_pairs] for k, v in evals.items()}
-  summary = {"files": files, "train_pairs": len(mixture), "from_sources": len(primary),
+  summary = {"files": files, "part": d.part, "train_pairs": len(mixture), "from_sources": len(primary),
              "from_mix": len(mixture) - len(primary), "mix_fraction": d.mix_fraction,
              "identical_dropped": sum(f["identical_dropped"] for f in files.values()),
              "eval_sets": {k: len(v) for k, v in evals.items()}}
@@ -214,7 +218,7 @@ def head_metadata(cfg: c.RewardModel, model_cfg: LlamaConfig, summary: dict) -> 
           "input": "encode_chat(dialog) + exchange_pieces answer ids ending with EOS "
                    "(l2jax.data.preferences.encode_responses); rows longer than seq_len keep BOS + the tail",
           "params": {"backbone": "Llama parameters (llama.split)", "head": {"w": [model_cfg.dim], "b": []}},
-          "init": cfg.init, "name": cfg.name, "train_pairs": summary.get("train_pairs")}
+          "init": cfg.init, "name": cfg.name, "train_pairs": summary.get("train_pairs"), "part": cfg.data.part}
 
 
 def run(cfg: c.RewardModel, run_dir: Path, check_sharding: bool = False):
@@ -231,7 +235,7 @@ def run(cfg: c.RewardModel, run_dir: Path, check_sharding: bool = False):
   summary.update(steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps, global_batch=cfg.global_batch)
   if jax.process_index() == 0:
     (run_dir / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  print(f"reward model: {summary['train_pairs']} training pairs ({summary['from_mix']} from the mix; "
+  print(f"reward model: {summary['train_pairs']} training pairs (part {cfg.data.part}; {summary['from_mix']} from the mix; "
         f"{summary['identical_dropped']} pairs with identical answers dropped), {cfg.steps} steps of "
         f"{cfg.global_batch} pairs, warmup {cfg.optim.warmup_steps}; eval sets {summary['eval_sets']}",
         file=sys.stderr)
