@@ -1,7 +1,8 @@
 """Mesh, logical-axis rules and placement: the one place where logical names meet mesh axes (DESIGN.md section 4).
 
 Model code names what each dimension *is* ("batch", "embed", "q_heads", ...). The rules here map those
-names onto the mesh axes ("data", "fsdp", "tensor"). `constrain` is a no-op unless a rule set is active
+names onto the mesh axes ("dcn", "data", "fsdp", "tensor"): "dcn" is data parallelism across TPU slices
+(multi-slice, over the data-center network; MaxText's dcn_data_parallelism), size 1 on one slice or one host. `constrain` is a no-op unless a rule set is active
 (`with use_rules(mesh, TRAIN_RULES): ...`), so the model runs unchanged on one device.
 
 Warning (DESIGN.md section 4): with jax 0.10-0.12 the SPMD partitioner returns wrong gradients for a batch
@@ -20,13 +21,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
-# Training: batch over (fsdp, data) -- this order, see the warning above; weights fully sharded over fsdp,
-# heads / mlp / vocab over tensor.
+# Training: batch over (dcn, fsdp, data) -- fsdp before data, see the warning above (dcn, outermost, only
+# splits the batch across slices; tested against one device); weights fully sharded over fsdp within a slice,
+# heads / mlp / vocab over tensor. Gradients are all-reduced over dcn once per step.
 TRAIN_RULES: Rules = (
-    ("batch", ("fsdp", "data")),
+    ("batch", ("dcn", "fsdp", "data")),
     ("embed", "fsdp"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -40,7 +42,7 @@ TRAIN_RULES: Rules = (
 )
 # Sampling: weights replicated over data/fsdp (no all-gather per decoded token), tensor-parallel heads.
 SAMPLE_RULES: Rules = (
-    ("batch", ("fsdp", "data")),
+    ("batch", ("dcn", "fsdp", "data")),
     ("embed", None),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -96,32 +98,56 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
-  """Resolve -1 (at most one) so that data * fsdp * tensor == n_devices; a clear error otherwise."""
-  sizes = [data, fsdp, tensor]
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, dcn: int = 1) -> tuple[int, int, int, int]:
+  """(dcn, data, fsdp, tensor) with -1 (at most one of data / fsdp / tensor) resolved so that the product is
+  n_devices; a clear error otherwise."""
+  names = MESH_AXES
+  sizes = [dcn, data, fsdp, tensor]
+  shown = dict(zip(names, sizes))
+  if dcn < 1:
+    raise ValueError(f"mesh {shown}: dcn (slices) must be >= 1")
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    raise ValueError(f"mesh {shown}: at most one axis may be -1")
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+    raise ValueError(f"mesh {shown}: sizes must be positive or -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n_devices % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices are not divisible by {known}")
+      raise ValueError(f"mesh {shown}: {n_devices} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = n_devices // known
   if int(np.prod(sizes)) != n_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; "
-                     f"{n_devices} are available")
+    raise ValueError(f"mesh {shown} needs {int(np.prod(sizes))} devices; {n_devices} are available")
   return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh ("data", "fsdp", "tensor") with Auto axes (sharding propagated by XLA from our constraints)."""
+def _device_grid(devices: Sequence[jax.Device], shape: tuple[int, ...]) -> np.ndarray:
+  """Devices arranged as `shape` (dcn, data, fsdp, tensor): across slices (devices with a `slice_index`,
+  multi-slice TPU) the dcn axis runs over slices and the rest stays inside one slice's interconnect
+  (mesh_utils.create_hybrid_device_mesh); otherwise the devices in order."""
+  n_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if shape[0] > 1 and n_slices == shape[0]:
+    from jax.experimental import mesh_utils
+    return mesh_utils.create_hybrid_device_mesh((1,) + tuple(shape[1:]), (shape[0], 1, 1, 1), devices)
+  if n_slices > 1 and shape[0] != n_slices:
+    raise ValueError(f"mesh dcn={shape[0]} but the devices span {n_slices} slices: set mesh.dcn={n_slices}")
+  if getattr(devices[0], "platform", "cpu") == "cpu":
+    return np.asarray(devices).reshape(shape)
+  from jax.experimental import mesh_utils  # physical-topology-aware order on TPU / GPU (as jax.make_mesh)
+  return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
+              dcn: int = 1) -> Mesh:
+  """A mesh ("dcn", "data", "fsdp", "tensor") with Auto axes (sharding propagated by XLA from our constraints)."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(data, fsdp, tensor, len(devices))
-  auto = (jax.sharding.AxisType.Auto,) * 3
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+  shape = mesh_shape(data, fsdp, tensor, len(devices), dcn)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return Mesh(_device_grid(devices, shape), MESH_AXES, axis_types=auto)
+
+
+def mesh_from_config(m, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of a config's `Mesh` group (dcn, data, fsdp, tensor)."""
+  return make_mesh(m.data, m.fsdp, m.tensor, devices=devices, dcn=getattr(m, "dcn", 1))
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:

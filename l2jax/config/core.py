@@ -133,8 +133,10 @@ def _validating(cls: type) -> type:
 
 @dataclasses.dataclass(frozen=True)
 class Mesh:
-  """Device mesh ("data", "fsdp", "tensor"); -1 takes the remaining devices (at most one axis)."""
-  LIMITS: ClassVar[dict] = {k: Rule(lo=1, also=(-1,)) for k in ("data", "fsdp", "tensor")}
+  """Device mesh ("dcn", "data", "fsdp", "tensor"); -1 takes the remaining devices (at most one of data, fsdp,
+  tensor). dcn: data parallelism across TPU slices (multi-slice; 1 on one slice, one host or a GPU cluster)."""
+  LIMITS: ClassVar[dict] = {**{k: Rule(lo=1, also=(-1,)) for k in ("data", "fsdp", "tensor")}, "dcn": Rule(lo=1)}
+  dcn: int = 1
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
