@@ -4,18 +4,23 @@ r"""Iterative RLHF: Llama 2-Chat's versions V1..V5 as one composition of the sta
   python -m l2jax.report runs/rlhf-tiny               # (rlhf.py already wrote it; rewrite it any time)
   python -m l2jax.launch experiments/rlhf.py:70b      # the paper's settings of every stage at 70B
 
-SFT -> both reward models (initialised from SFT) -> rejection sampling V1 (samples from SFT) -> V2 (from V1,
-pooling V1's best answers) -> V3 -> Ghost Attention on V3 -> V4 (from V3+GAtt) -> PPO on V4 = V5. Every stage
-is its experiment file at the same size (experiments/{sft,rm_helpful,rm_safety,rejection,gatt,ppo}.py:<size>),
-so each runs with the paper's settings of that stage as its file documents them; sub-runs go to
-runs/rlhf-<size>/v<n>-<stage>/ (SFT and the RMs to their usual runs/<exp>-<size>/, shared with the standalone
-commands). Rerunning resumes where it stopped; a finished stage is never redone. At the end, every version is
-evaluated against SFT (runs/rlhf-<size>/eval: win rates, reward distributions, Self-BLEU, safety rates) and
+SFT -> both reward models (initialised from SFT, trained on the "trainer" half of the preference data) and the two
+held-out judges (the same experiments on the "judge" half: rm_helpful.py:<size>-judge, rm_safety.py:<size>-judge)
+-> rejection sampling V1 (samples from SFT) -> V2 (from V1, pooling V1's best answers, at the best temperature of
+V1's Figure 8) -> V3 -> Ghost Attention on V3 -> V4 (from V3+GAtt) -> V5 = one more rejection-sampling iteration
+from V4 (V5-RS) and PPO on its checkpoint, as the paper's last version. Every stage is its experiment file at the
+same size (experiments/{sft,rm_helpful,rm_safety,rejection,gatt,ppo}.py:<size>), so each runs with the paper's
+settings of that stage as its file documents them; sub-runs go to runs/rlhf-<size>/v<n>-<stage>/ (SFT, the RMs and
+the judges to their usual runs/<exp>-<size>/, shared with the standalone commands). Rerunning resumes where it
+stopped; a finished stage is never redone. At the end, every version is evaluated against SFT by the held-out
+judges on the "report" half of the held-out prompts (runs/rlhf-<size>/eval: win rates, reward distributions,
+Self-BLEU, safety rates), multi-turn consistency (Table 30) is measured for V3 and every version from GAtt on, and
 runs/rlhf-<size>/report.md is written. The paper pooled from V3 on; we pool from V2 (`pool_from`).
 
-`tiny`: the tiny stages (PPO shortened to 30 iterations), the evaluation on 64 + 64 held-out prompts and
-Self-BLEU at T = 0.1 ... 1.5 with 25 samples per prompt on the 10 + 10 shipped prompts; 30-40 minutes on 2 cores.
-`test`: two rejection-sampling versions, GAtt after V1, PPO for 1 iteration, at the `test` sizes (CI).
+`tiny`: the tiny stages (PPO shortened to 30 iterations), the evaluation on at most 64 + 64 held-out prompts (the
+"report" half holds fewer) and Self-BLEU at T = 0.1 ... 1.5 with 25 samples per prompt on the 10 + 10 shipped
+prompts; about 40 minutes on 2 cores with nothing built. `test`: two rejection-sampling versions, GAtt after V1,
+V3 = one more rejection-sampling iteration + PPO for 1 iteration, at the `test` sizes (CI).
 """
 from l2jax import config as c
 
@@ -25,7 +30,8 @@ TEMPS = tuple(round(0.1 * k, 1) for k in range(1, 16))
 def get_config(arg: str | None = None) -> c.RLHF:
   size = arg or "tiny"
   refs = dict(sft=f"experiments/sft.py:{size}", rm_helpful=f"experiments/rm_helpful.py:{size}",
-              rm_safety=f"experiments/rm_safety.py:{size}", rejection_arg=size, gatt_arg=size, ppo_arg=size)
+              rm_safety=f"experiments/rm_safety.py:{size}", judge_helpful=f"experiments/rm_helpful.py:{size}-judge",
+              judge_safety=f"experiments/rm_safety.py:{size}-judge", rejection_arg=size, gatt_arg=size, ppo_arg=size)
   if size == "tiny":
     return c.RLHF(name="rlhf-tiny", **refs, rs_versions=4, pool_from=2, gatt_after=3, ppo=True, ppo_iterations=30,
                   eval=c.VersionsEval(prompts_per_set=64, max_new_tokens=48, temperature=0.6, top_p=0.9,

@@ -215,17 +215,26 @@ class Writer:
                      "", "</details>", ""]
 
   def evaluation(self, eval_dir: Path, level: int = 2) -> None:
+    """The versions evaluation: compare.md (win rates, safety rates, figures) and, from GAtt on, Table 30."""
     md = eval_dir / "compare.md"
-    if not md.is_file():
-      return
-    self.lines += ["#" * level + " Evaluation of the versions (python -m l2jax.eval compare)", ""]
-    for line in md.read_text().splitlines():
-      m = re.fullmatch(r"!\[(.*)\]\((.*)\)", line.strip())
-      if m and (eval_dir / m.group(2)).is_file():
-        self.figure(eval_dir / m.group(2), m.group(1), "eval")
-      elif not m:
-        self.lines.append(line)
-    self.lines.append("")
+    if md.is_file():
+      self.lines += ["#" * level + " Evaluation of the versions (python -m l2jax.eval compare)", ""]
+      for line in md.read_text().splitlines():
+        m = re.fullmatch(r"!\[(.*)\]\((.*)\)", line.strip())
+        if m and (eval_dir / m.group(2)).is_file():
+          self.figure(eval_dir / m.group(2), m.group(1), "eval")
+        elif not m:
+          self.lines.append(line)
+      self.lines.append("")
+    cons = eval_dir / "consistency.md"
+    if cons.is_file():
+      self.lines += ["#" * level + " Multi-turn consistency of the versions from GAtt on (Table 30)", "",
+                     "Share of answers that follow the first turn's instruction at each turn (greedy answers to the "
+                     "GAtt experiment's held-out dialogs; the first row is the version GAtt started from).", "",
+                     cons.read_text().strip(), ""]
+      for name in ("consistency.png", "attention.png"):
+        if (eval_dir / name).is_file():
+          self.figure(eval_dir / name, Path(name).stem, "eval")
 
 
 def _versions_table(versions: list[dict], root: Path) -> list[str]:
@@ -238,13 +247,25 @@ def _versions_table(versions: list[dict], root: Path) -> list[str]:
   return lines + [""]
 
 
+def check_run_dir(root: Path) -> None:
+  """FileNotFoundError (one line) unless `root` is a run directory: its config.json is a run config (it names a
+  "stage"; a model directory's config.json is the architecture) or it holds a composed run's versions.json. A report
+  is written into the directory, so a model directory (e.g. RUN/final) must never get one."""
+  cfg = _read_json(root / "config.json")
+  if isinstance(cfg, dict) and "stage" in cfg or (root / VERSIONS).is_file():
+    return
+  if (root / "tokenizer.model").is_file() or (isinstance(cfg, dict) and "dim" in cfg):
+    raise FileNotFoundError(f"{root}: a model directory, not a run directory; give the run directory that holds it "
+                            f"({root.parent})")
+  raise FileNotFoundError(f"{root}: not an l2jax run directory (no run config.json naming a stage)")
+
+
 def write(run_dir: str | Path) -> Path:
   """Write run_dir/report.md (+ run_dir/report/*.png); return its path."""
   root = Path(run_dir)
   if not root.is_dir():
     raise FileNotFoundError(f"{root}: run directory not found")
-  if not (root / "config.json").is_file() and not (root / VERSIONS).is_file():
-    raise FileNotFoundError(f"{root}: not an l2jax run directory (no config.json)")
+  check_run_dir(root)
   if (root / ASSETS).is_dir():
     shutil.rmtree(root / ASSETS)
   w = Writer(root)

@@ -1,4 +1,5 @@
-"""RLHF evaluations (issue 13): win rates with ties, Self-BLEU, safety rates, and the compare CLI on tiny models."""
+"""RLHF evaluations (Llama 2 sections 3.4, 5): win rates with ties, Self-BLEU, safety rates, the evaluation prompts
+(report half, stratified), and the compare CLI on tiny models."""
 import json
 import math
 
@@ -129,12 +130,72 @@ def _fake_checkpoints(root, tok_path):
   return out
 
 
+def _prompt_files(tmp_path):
+  """Two sources in this order: 600 HH-format helpfulness prompts, then 600 JSONL prompts (every other one safety)."""
+  hh, js = tmp_path / "hh.jsonl", tmp_path / "p.jsonl"
+  hh.write_text("".join(json.dumps({"chosen": f"\n\nHuman: hh question {i}?\n\nAssistant: yes",
+                                    "rejected": f"\n\nHuman: hh question {i}?\n\nAssistant: no"}) + "\n"
+                        for i in range(600)))
+  js.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"jsonl question {i}?"}],
+                                    "safety": i % 2 == 0}) + "\n" for i in range(600)))
+  return (f"hh-helpful:{hh}", f"jsonl:{js}")
+
+
+def test_eval_prompts_are_a_stratified_sample_of_the_report_half(tmp_path, llama2_tokenizer_path):
+  from l2jax.data import prompts as pr
+  from l2jax.data.tokenizer import Tokenizer
+  from l2jax.eval import compare
+  tok = Tokenizer(llama2_tokenizer_path)
+  s = compare.Settings(prompts=_prompt_files(tmp_path), heldout_fraction=0.2, prompts_per_set=20, seed=3)
+  out, ids, stats = compare.eval_prompts(s, tok)
+  chosen = out["helpful"] + out["safety"]
+  assert len(out["helpful"]) == len(out["safety"]) == 20 and len(ids["helpful"]) == 20
+  assert all(pr.is_heldout(p, 0.2) and pr.heldout_part(p) == "report" for p in chosen)   # never the select half
+  assert all(p.is_safety for p in out["safety"]) and not any(p.is_safety for p in out["helpful"])
+  # the helpfulness sample holds both sources in proportion, not the first 20 (all HH) of the source order
+  _, held = pr.split_heldout(pr.read_prompts(list(s.prompts)), 0.2, "report")
+  helpful = [p for p in held if not p.is_safety]
+  share_hh = sum(p.source.startswith("hh-") for p in helpful) / len(helpful)
+  n_hh = sum(p.source.startswith("hh-") for p in out["helpful"])
+  assert abs(n_hh - 20 * share_hh) <= 1 and 0 < n_hh < 20
+  assert stats["eval"]["safety_share"] == 0.5 and stats["heldout_part"] == "report"
+  assert stats["eval"]["by_stratum"] == {"hh-helpful/helpful": n_hh, "jsonl/helpful": 20 - n_hh, "jsonl/safety": 20}
+  again = compare.eval_prompts(s, tok)[0]
+  other = compare.eval_prompts(compare.Settings(**{**s.__dict__, "seed": 4}), tok)[0]
+  assert [p.key for p in again["helpful"]] == [p.key for p in out["helpful"]]          # seeded
+  assert [p.key for p in other["helpful"]] != [p.key for p in out["helpful"]]
+
+
+def test_compare_checks_every_directory_before_loading_anything(tmp_path, monkeypatch, capsys):
+  import l2jax.reward
+  from l2jax.eval import compare
+  from l2jax.eval.__main__ import main
+
+  def forbidden(*a, **k):
+    raise AssertionError("a model was loaded before every directory was checked")
+
+  monkeypatch.setattr(l2jax.reward, "load", forbidden)
+  monkeypatch.setattr(compare, "answer_version", forbidden)
+  good = tmp_path / "ref"
+  good.mkdir()
+  (good / "config.json").write_text("{}")
+  args = ["--reference", f"SFT={good}", "--rm-helpful", str(good), "--rm-safety", str(good)]
+  assert main(["compare", "--model", "V1=/nonexistent"] + args) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == "error: compare: --model V1=/nonexistent: no such directory", err
+  assert main(["compare", "--model", f"V1={good}"] + args[:-1] + [str(tmp_path)]) == 2   # a directory, no model
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and f"--rm-safety={tmp_path}: no config.json" in err, err
+
+
 @pytest.mark.slow
 def test_compare_cli_end_to_end(tmp_path, llama2_tokenizer_path):
+  import shutil
   from l2jax.eval.__main__ import main
   ck = _fake_checkpoints(tmp_path, llama2_tokenizer_path)
+  same = shutil.copytree(ck["A"], tmp_path / "A-copy")        # another directory: answered again, not looked up
   out = tmp_path / "eval"
-  rc = main(["compare", "--model", f"same={ck['A']}", "--model", f"other={ck['B']}", "--reference", f"ref={ck['A']}",
+  rc = main(["compare", "--model", f"same={same}", "--model", f"other={ck['B']}", "--reference", f"ref={ck['A']}",
              "--rm-helpful", str(ck["rm_h"]), "--rm-safety", str(ck["rm_s"]), "--judge", str(ck["rm_h"]),
              "--out", str(out), "--prompts-per-set", "6", "--max-new-tokens", "8", "--top-p", "1.0", "--diversity-prompts", "2",
              "--diversity-samples", "3", "--diversity-temperatures", "0.1,1.5", "--diversity-max-new-tokens", "6",
@@ -144,9 +205,13 @@ def test_compare_cli_end_to_end(tmp_path, llama2_tokenizer_path):
   assert list(res["versions"]) == ["ref", "same", "other"]
   assert res["prompts"]["helpful"] == 6 and res["prompts"]["safety"] == 6
   same, other = res["versions"]["same"], res["versions"]["other"]
-  # the same checkpoint with the same per-prompt seeds gives the same answers: every comparison a tie
+  # a copy of the reference with the same per-prompt seeds gives the same answers: every comparison a tie
   for k in ("helpful", "safety", "judge_helpful", "judge_safety"):
     assert (same["win"][k]["tie"], same["win"][k]["win_rate"]) == (6, 0.5)
+  rows = [json.loads(x) for x in (out / "compare_samples.jsonl").read_text().splitlines()]
+  by = {(r["version"], r["kind"], i % 6): r["response"] for i, r in enumerate(rows)}
+  assert all(by[("same", k, i)] == by[("ref", k, i)] for k in ("helpful", "safety") for i in range(6))
+  assert any(by[("other", k, i)] != by[("ref", k, i)] for k in ("helpful", "safety") for i in range(6))
   assert other["win"]["helpful"]["n"] == 6 and 0.0 <= other["win"]["helpful"]["win_rate"] <= 1.0
   # the table agrees with the written answers
   rows = [json.loads(x) for x in (out / "compare_samples.jsonl").read_text().splitlines()]

@@ -237,7 +237,8 @@ def test_judge_reward_models_train_on_the_other_half_and_share_eval_sets():
     mix_j, evals_j, summary = load_preferences(judge_cfg.data, judge_cfg.seed)
     assert summary["part"] == "judge"
     assert not {p.conversation for p in mix_t} & {p.conversation for p in mix_j}    # disjoint training data
-    assert {k: [p.where for p in v] for k, v in evals_t.items()} == {k: [p.where for p in v] for k, v in evals_j.items()}
+    where = lambda evals: {k: [p.where for p in v] for k, v in evals.items()}
+    assert where(evals_t) == where(evals_j)
 def test_rows_are_the_chat_format_and_truncate_from_the_left(tok, helpful):
   p = helpful[1]
   rows = P.encode_responses(tok, p.messages(), [p.chosen, p.rejected], 10_000)

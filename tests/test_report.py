@@ -1,4 +1,4 @@
-"""python -m l2jax.report (issue 13): report.md for single-stage and composed runs; every linked figure exists."""
+"""python -m l2jax.report: report.md for single-stage and composed runs; every linked figure exists."""
 import json
 import re
 from pathlib import Path
@@ -91,7 +91,30 @@ def test_composed_report_copies_outside_figures(tmp_path):
   assert "outside.png" not in md2 and not (root / "report" / "SFT-outside.png").exists()
 
 
-def test_report_refuses_non_run_dirs(tmp_path):
+def test_report_refuses_non_run_dirs(tmp_path, capsys):
   assert report.main([str(tmp_path / "missing")]) == 2
   with pytest.raises(FileNotFoundError, match="not an l2jax run directory"):
     report.write(tmp_path)
+  # a model directory (RUN/final: the architecture's config.json, tokenizer.model) never gets a report written into it
+  run = _fake_run(tmp_path / "sft-test", "sft", "sft-test", [{"step": 1, "loss": 3.0}])
+  (run / "final" / "tokenizer.model").write_bytes(b"x")
+  capsys.readouterr()
+  assert report.main([str(run / "final")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == f"error: {run / 'final'}: a model directory, not a run directory; give the run directory that holds " \
+                f"it ({run})", err
+  assert not (run / "final" / "report.md").exists() and not (run / "final" / "report").exists()
+  assert report.main([str(run)]) == 0 and (run / "report.md").is_file()
+
+
+def test_composed_report_shows_consistency_per_version(tmp_path):
+  root = tmp_path / "rlhf"
+  (root / "eval").mkdir(parents=True)
+  (root / "config.json").write_text(json.dumps({"stage": "rlhf", "name": "rlhf-test"}))
+  (root / "versions.json").write_text(json.dumps([{"version": "V1", "stage": "rejection", "run_dir": "v1-rs",
+                                                   "final": str(root / "v1-rs/final")}]))
+  (root / "eval" / "consistency.md").write_text("| model | turn 2 |\n|---|---:|\n| V1+GAtt | 75% |\n| V2 | 50% |\n")
+  _png(root / "eval" / "consistency.png")
+  md = report.write(root).read_text()
+  assert "Multi-turn consistency of the versions from GAtt on (Table 30)" in md and "| V2 | 50% |" in md
+  assert "eval/consistency.png" in _links(md)

@@ -1,4 +1,6 @@
-"""Iterative RLHF (issue 13): the composition's plan, and experiments/rlhf.py:test end to end, rerun redoing nothing."""
+"""Iterative RLHF (Llama 2 sections 3.2.3, 3.3, 3.4): the composition's plan (V5 = rejection sampling then PPO,
+temperature rescaling, held-out judges, Table 30 per version), and experiments/rlhf.py:test end to end, rerun
+redoing nothing."""
 import json
 import re
 from pathlib import Path
@@ -19,33 +21,70 @@ def test_plan_chains_versions_pool_gatt_and_ppo(tmp_path, repo_root, monkeypatch
   cfg = load_experiment("experiments/rlhf.py:tiny")[0]
   cfg = c.apply_overrides(cfg, ["sft=S", "rm_helpful=H", "rm_safety=R", "rejection_sets=max_prompts=4"])
   steps = rlhf.plan(cfg, tmp_path)
-  assert [s.version for s in steps] == ["V1", "V2", "V3", "V3+GAtt", "V4", "V5"]
-  assert [s.stage for s in steps] == ["rejection"] * 3 + ["gatt", "rejection", "ppo"]
+  assert [s.version for s in steps] == ["V1", "V2", "V3", "V3+GAtt", "V4", "V5-RS", "V5"]
+  assert [s.stage for s in steps] == ["rejection"] * 3 + ["gatt", "rejection", "rejection", "ppo"]
   fin = lambda d: str(tmp_path / d / "final")
-  v1, v2, v3, g, v4, v5 = map(_sets, steps)
+  v1, v2, v3, g, v4, v5rs, v5 = map(_sets, steps)
   assert v1["sampler"] == v1["init"] == "S" and v1["pool"] == "" and v1["iteration"] == "1"
   assert v2["sampler"] == fin("v1-rs") and v2["pool"] == str(tmp_path / "v1-rs" / "pool.jsonl")   # pooled from V2
   assert v3["pool"] == str(tmp_path / "v2-rs" / "pool.jsonl")
   assert g["sampler"] == g["init"] == fin("v3-rs")
   assert v4["sampler"] == v4["init"] == fin("v3-gatt") and v4["pool"] == str(tmp_path / "v3-rs" / "pool.jsonl")
-  assert v5["policy"] == fin("v4-rs") and v5["iterations"] == "30"                 # PPO on the last RS checkpoint
-  assert all(s["reward_models.helpful"] == "H" and s["reward_models.safety"] == "R" for s in (v1, v4, v5))
+  # V5: one more rejection-sampling iteration from V4 (pooling V4's), then PPO on its checkpoint (section 3.2.3)
+  assert v5rs["sampler"] == v5rs["init"] == fin("v4-rs") and v5rs["iteration"] == "5"
+  assert v5rs["pool"] == str(tmp_path / "v4-rs" / "pool.jsonl")
+  assert v5["policy"] == fin("v5-rs") and v5["iterations"] == "30" and steps[-1].source == "V5-RS"
+  # temperature rescaling: every rejection-sampling iteration after the first takes the previous one's Figure 8
+  assert "temperature_from" not in v1
+  assert [s["temperature_from"] for s in (v2, v3, v4, v5rs)] == [str(tmp_path / f"v{n}-rs") for n in (1, 2, 3, 4)]
+  assert all(s["reward_models.helpful"] == "H" and s["reward_models.safety"] == "R" for s in (v1, v4, v5rs, v5))
   assert v1["max_prompts"] == "4" and steps[0].sets[-1] == "max_prompts=4"          # user overrides come last
+  direct = rlhf.plan(c.apply_overrides(cfg, ["ppo_after_rs=false", "rescale_temperature=false"]), tmp_path)
+  assert [s.version for s in direct][-2:] == ["V4", "V5"] and _sets(direct[-1])["policy"] == fin("v4-rs")
+  assert not any("temperature_from" in _sets(s) for s in direct)
   no_gatt = rlhf.plan(c.apply_overrides(cfg, ["gatt_after=0", "ppo=false", "rs_versions=2", "pool_from=3"]), tmp_path)
   assert [s.version for s in no_gatt] == ["V1", "V2"] and _sets(no_gatt[1])["pool"] == ""
+  assert rlhf.consistency_models(cfg, tmp_path, no_gatt) == {}
   with pytest.raises(c.ConfigError, match="gatt_after=5"):
     c.apply_overrides(cfg, ["gatt_after=5"])
   with pytest.raises(c.ConfigError, match="rs_versions: expected an int >= 1"):
     c.apply_overrides(cfg, ["gatt_after=0", "rs_versions=0"])
 
 
+def test_consistency_is_measured_for_every_version_from_gatt_on(tmp_path, repo_root, monkeypatch):
+  monkeypatch.chdir(repo_root)
+  cfg = c.apply_overrides(load_experiment("experiments/rlhf.py:tiny")[0], ["sft=S", "rm_helpful=H", "rm_safety=R"])
+  models = rlhf.consistency_models(cfg, tmp_path, rlhf.plan(cfg, tmp_path))
+  fin = lambda d: str(tmp_path / d / "final")
+  assert models == {"V3 (before GAtt)": fin("v3-rs"), "V3+GAtt": fin("v3-gatt"), "V4": fin("v4-rs"),
+                    "V5-RS": fin("v5-rs"), "V5": fin("v5-ppo")}
+  first = c.apply_overrides(cfg, ["gatt_after=1"])
+  labels = list(rlhf.consistency_models(first, tmp_path, rlhf.plan(first, tmp_path)))
+  assert labels[:2] == ["V1 (before GAtt)", "V1+GAtt"]
+
+
+def test_versions_are_judged_by_held_out_judges(repo_root, monkeypatch):
+  from l2jax.eval import versions
+  monkeypatch.chdir(repo_root)
+  cfg = load_experiment("experiments/rlhf.py:tiny")[0]
+  assert (cfg.judge_helpful, cfg.judge_safety) == ("experiments/rm_helpful.py:tiny-judge",
+                                                   "experiments/rm_safety.py:tiny-judge")
+  trainer, judge = (load_experiment(x)[0] for x in (cfg.rm_helpful, cfg.judge_helpful))
+  assert (trainer.data.part, judge.data.part) == ("trainer", "judge")       # disjoint halves of the pairs
+  assert versions.judges(cfg) == (cfg.judge_helpful, cfg.judge_safety, versions.JUDGES_NOTE)
+  own = c.apply_overrides(cfg, ["judge_helpful=", "judge_safety="])
+  assert versions.judges(own) == (cfg.rm_helpful, cfg.rm_safety, versions.TRAINERS_NOTE)
+  assert cfg.eval.heldout_part == "report" and versions.settings(cfg).heldout_part == "report"
+
+
 def test_eval_settings_match_compare():
+  from l2jax.eval import versions
   from l2jax.eval.compare import Settings
-  s = rlhf.eval_settings(c.RLHF(eval=c.VersionsEval(prompts_per_set=7, diversity_temperatures=(0.3,))))
-  assert isinstance(s, Settings) and s.prompts_per_set == 7 and s.diversity_temperatures == (0.3,)
-  # every evaluation field but the switch and the judge is a compare setting
+  s = versions.settings(c.RLHF(eval=c.VersionsEval(prompts_per_set=7, diversity_temperatures=(0.3,), seed=5)))
+  assert isinstance(s, Settings) and s.prompts_per_set == 7 and s.diversity_temperatures == (0.3,) and s.seed == 5
+  # every evaluation field but the switches and the judge is a compare setting
   import dataclasses
-  names = {f.name for f in dataclasses.fields(c.VersionsEval)} - {"enabled", "judge"}
+  names = {f.name for f in dataclasses.fields(c.VersionsEval)} - {"enabled", "judge", "consistency"}
   assert names <= {f.name for f in dataclasses.fields(Settings)}
 
 
@@ -66,20 +105,32 @@ def test_rlhf_test_variant_end_to_end_and_rerun_redoes_nothing(tmp_path, repo_ro
   assert rc == 0, err[-3000:]
   run = tmp_path / "rlhf-test"
   versions = json.loads((run / "versions.json").read_text())
-  assert [v["version"] for v in versions] == ["SFT", "RM helpful", "RM safety", "V1", "V1+GAtt", "V2", "V3"]
+  assert [v["version"] for v in versions] == ["SFT", "RM helpful", "RM safety", "Judge helpful", "Judge safety", "V1",
+                                              "V1+GAtt", "V2", "V3-RS", "V3"]
   finals = [Path(v["final"]) / "config.json" for v in versions]
   assert all(f.is_file() for f in finals)
   assert (run / "final").resolve() == (run / "v3-ppo" / "final").resolve()
   assert json.loads((run / "v2-rs" / "config.json").read_text())["pool"] == str(run / "v1-rs" / "pool.jsonl")
+  assert json.loads((run / "v3-ppo" / "config.json").read_text())["policy"] == str(run / "v3-rs" / "final")
   res = json.loads((run / "eval" / "compare.json").read_text())
-  assert list(res["versions"]) == ["SFT", "V1", "V1+GAtt", "V2", "V3"]
-  assert res["versions"]["SFT"]["win"]["helpful"]["win_rate"] == 0.5        # the reference against itself
+  assert list(res["versions"]) == ["SFT", "V1", "V1+GAtt", "V2", "V3-RS", "V3"]
+  assert res["rms"]["helpful"] == str(tmp_path / "rm_helpful-test-judge" / "final")          # held-out judges
+  assert res["prompts"]["heldout_part"] == "report" and "safety_share" in res["prompts"]["eval"]
+  # the table agrees with the answers' own judge scores (a check that can fail, unlike SFT against itself)
+  rows = [json.loads(x) for x in (run / "eval" / "compare_samples.jsonl").read_text().splitlines()]
+  for kind, rm in (("helpful", "rh"), ("safety", "rs")):
+    v3, sft = ([r[rm] for r in rows if r["version"] == v and r["kind"] == kind] for v in ("V3", "SFT"))
+    from l2jax.eval import winrate
+    assert res["versions"]["V3"]["win"][kind]["win_rate"] == pytest.approx(winrate.win_rate(v3, sft)["win_rate"])
+  cons = json.loads((run / "eval" / "consistency.json").read_text())
+  assert list(cons["models"]) == ["V1 (before GAtt)", "V1+GAtt", "V2", "V3-RS", "V3"]          # Table 30 per version
   md = (run / "report.md").read_text()
   links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
   assert "eval/fig11_winrate.png" in links and all((run / l).is_file() for l in links)
-  assert "## V1+GAtt (gatt)" in md and "## V3 (ppo)" in md
-  stamps = {str(f): f.stat().st_mtime_ns for f in finals + [run / "eval" / "compare.json"]}
+  assert "## V1+GAtt (gatt)" in md and "## V3 (ppo)" in md and "| V3-RS: " in md
+  evals = [run / "eval" / "compare.json", run / "eval" / "consistency.json"]
+  stamps = {str(f): f.stat().st_mtime_ns for f in finals + evals}
   rc, err = _launch(tmp_path, repo_root)
   assert rc == 0, err[-3000:]
-  assert "running " not in err and err.count(") done: ") == 4 and "is up to date" in err, err
+  assert "running " not in err and err.count(") done: ") == 5 and err.count("is up to date") == 2, err
   assert {f: Path(f).stat().st_mtime_ns for f in stamps} == stamps

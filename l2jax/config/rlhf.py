@@ -16,7 +16,11 @@ class VersionsEval:
   max_new_tokens, temperature, top_p: answers. tie_tol: |score difference| that is a tie (logits). diversity_*:
   Figure 21 (prompts per shipped set, 0 = skip; samples per prompt; temperatures; answer length). tension_pairs:
   HH-RLHF test pairs per file for Figure 32 / Table 8 (0 = skip). batch_size: rows per call. judge: an optional
-  third reward model (directory or experiment reference) judging every prompt.
+  third reward model (directory or experiment reference) judging every prompt. heldout_part: the half of the
+  held-out prompts the versions are reported on ("report"; PPO selects on the "select" half, so the two are
+  disjoint). seed: the evaluation sample and the answers' seeds. consistency: multi-turn consistency (Table 30) of
+  every version from GAtt on, and of the version GAtt started from, with the GAtt experiment's evaluation settings
+  (RUN_DIR/eval/consistency.*).
   """
   LIMITS: ClassVar[dict] = {"temperature": AT_LEAST_0, "top_p": Rule(lo=0, hi=1, lo_open=True), "tie_tol": AT_LEAST_0,
                             "diversity_temperatures": POSITIVE, "batch_size": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
@@ -25,6 +29,8 @@ class VersionsEval:
   prompts: tuple[str, ...] = ("hh-helpful:data/hh-rlhf/helpful-base-test.jsonl.gz",
                               "hh-safety:data/hh-rlhf/harmless-base-test.jsonl.gz")
   heldout_fraction: float = 0.05
+  heldout_part: str = "report"
+  seed: int = 0
   max_prompt_tokens: int = 128
   prompts_per_set: int = 64
   max_new_tokens: int = 64
@@ -38,24 +44,38 @@ class VersionsEval:
   tension_pairs: int = 100
   batch_size: int = 64
   judge: str = ""
+  consistency: bool = True
+
+  def __post_init__(self):
+    if self.heldout_part not in ("", "select", "report"):
+      raise ValueError(f"eval.heldout_part: expected 'report', 'select' or '' (all), found {self.heldout_part!r}")
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class RLHF:
   """Iterative RLHF (Llama 2 sections 3.2.3, 3.3): SFT -> reward models -> rejection-sampling versions V1..VN ->
-  GAtt after V`gatt_after` -> PPO on the last rejection-sampling checkpoint (V N+1), then the evaluation of every
-  version against SFT and the report (docs/rlhf.md). Every stage is an experiment run through the launcher.
+  GAtt after V`gatt_after` -> V N+1 = one more rejection-sampling iteration, then PPO on its checkpoint (section
+  3.2.3: "applying PPO on top of the resulted Rejection Sampling checkpoint"), then the evaluation of every version
+  against SFT by held-out judges and the report (docs/rlhf.md). Every stage is an experiment run through the
+  launcher.
 
-  sft, rm_helpful, rm_safety: checkpoint directories or experiment references (resolved by the launcher).
+  sft, rm_helpful, rm_safety: checkpoint directories or experiment references (resolved by the launcher); the two
+  reward models train the policy (rejection sampling, PPO). judge_helpful, judge_safety: the reward models that
+  score the versions evaluation, trained on the other half of the preference data (Preferences.part "judge", so
+  they never saw a pair the training RMs saw); "" = the training RMs judge (compare.md then says so).
   rejection_arg, gatt_arg, ppo_arg: the variant (ARG) of experiments/rejection.py, gatt.py, ppo.py each stage starts
   from; the composition overrides its sampler / init / policy, reward models, pool, iteration and name, then
   `*_sets` ("key=value" overrides, as --set) are applied. rs_versions: N rejection-sampling versions; version n
   samples from version n-1 (V0 = SFT; after GAtt, from the GAtt model) and fine-tunes it. pool_from: versions
   n >= pool_from pool the best answers of all earlier iterations (the paper pooled from V3 on; 1 = always).
-  gatt_after: GAtt fine-tunes version n = gatt_after (0 = no GAtt). ppo: run PPO on the last rejection-sampling
-  version; ppo_iterations: its iterations (0 = the experiment's). Sub-runs live in RUN_DIR/v<n>-<stage>; one whose
-  final/ exists is never redone. eval: the versions evaluation (RUN_DIR/eval).
+  gatt_after: GAtt fine-tunes version n = gatt_after (0 = no GAtt). ppo: make V N+1 with PPO; ppo_after_rs: V N+1
+  first runs one more rejection-sampling iteration (V N+1-RS, from V N) and PPO starts from its checkpoint, as the
+  paper's last version (false: PPO straight on V N). ppo_iterations: its iterations (0 = the experiment's).
+  rescale_temperature: every rejection-sampling iteration after the first samples at the best temperature of the
+  previous iteration's Figure 8 (the rejection config's temperature_from; the paper's "temperature rescaling").
+  Sub-runs live in RUN_DIR/v<n>-<stage>; one whose final/ exists is never redone. eval: the versions evaluation
+  (RUN_DIR/eval).
   """
   LIMITS: ClassVar[dict] = {"rs_versions": AT_LEAST_1, "pool_from": AT_LEAST_1}
   stage: ClassVar[str] = "rlhf"
@@ -63,6 +83,8 @@ class RLHF:
   sft: str = ""
   rm_helpful: str = ""
   rm_safety: str = ""
+  judge_helpful: str = ""
+  judge_safety: str = ""
   rejection_arg: str = "tiny"
   gatt_arg: str = "tiny"
   ppo_arg: str = "tiny"
@@ -70,7 +92,9 @@ class RLHF:
   pool_from: int = 2
   gatt_after: int = 3
   ppo: bool = True
+  ppo_after_rs: bool = True
   ppo_iterations: int = 0
+  rescale_temperature: bool = True
   rejection_sets: tuple[str, ...] = ()
   gatt_sets: tuple[str, ...] = ()
   ppo_sets: tuple[str, ...] = ()

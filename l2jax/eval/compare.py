@@ -4,10 +4,15 @@
       --reference SFT=runs/sft-tiny/final --rm-helpful runs/rm_helpful-tiny/final \
       --rm-safety runs/rm_safety-tiny/final [--judge DIR] [--out DIR]
 
-Every version (the reference first) answers the same held-out prompts: the prompt sources' held-out split
-(`l2jax.data.prompts.split_heldout`, CRC of the first user turn, so with a fraction no larger than the one the
-reward models, rejection sampling and PPO held out these prompts are unseen by all of them), the first
-`prompts_per_set` helpfulness and safety prompts of at most `max_prompt_tokens` tokens. Answers are sampled
+Every version (the reference first) answers the same evaluation prompts: the "report" half
+(`heldout_part`) of the prompt sources' held-out split (`l2jax.data.prompts.split_heldout`, CRC of the first
+user turn, so with a fraction no larger than the one the reward models, rejection sampling and PPO held out these
+prompts are unseen by all of them; PPO selects its checkpoint on the other, "select" half, so the prompts that
+select and the prompts that report are disjoint), a seeded sample of `prompts_per_set` helpfulness and
+`prompts_per_set` safety prompts of at most `max_prompt_tokens` tokens, stratified by source within each kind
+(`l2jax.data.prompts.stratified_sample`; never the first N of a file). The set's safety share and strata are
+logged and kept in compare.json ("prompts"). Every model directory is checked before anything is evaluated.
+Answers are sampled
 at `temperature` / `top_p` with one seed per prompt shared by all versions, so a version identical to the
 reference gives identical answers (every comparison a tie). Both reward models score every answer. Written to
 --out (default: the current directory):
@@ -34,6 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from l2jax.eval import distributions, diversity, safety, tension, winrate
+from l2jax.eval.compare_table import markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 HH = {"helpful-base": ROOT / "data/hh-rlhf/helpful-base-test.jsonl.gz",
@@ -47,8 +53,10 @@ FIGURES = {"winrate": "fig11_winrate.png", "reward_dist": "fig20_reward_dist.png
 class Settings:
   """What `compare` evaluates and how; every field is a CLI flag (--prompts-per-set etc.).
 
-  prompts / heldout_fraction / max_prompt_tokens / system: the held-out evaluation prompts (l2jax.data.prompts).
-  prompts_per_set: helpfulness and safety prompts each. max_new_tokens, temperature, top_p, seed: answering.
+  prompts / heldout_fraction / heldout_part / max_prompt_tokens / system: the evaluation prompts
+  (l2jax.data.prompts): the `heldout_part` half ("report"; "" = the whole held-out split) of the held-out prompts.
+  prompts_per_set: helpfulness and safety prompts each (a stratified sample drawn with `seed`). max_new_tokens,
+  temperature, top_p, seed: answering.
   tie_tol: |score difference| counted as a tie (winrate.TIE_TOL). safety_threshold: the violation threshold.
   diversity_*: Figure 21 (prompts per set, 0 = skip; samples per prompt; temperatures; answer length; top-p).
   tension_pairs: HH-RLHF test pairs per file for Figure 32 and Table 8 (0 = skip), from the pairs held out at
@@ -56,6 +64,7 @@ class Settings:
   """
   prompts: tuple[str, ...] = DEFAULT_PROMPTS
   heldout_fraction: float = 0.05
+  heldout_part: str = "report"
   prompts_per_set: int = 64
   max_prompt_tokens: int = 128
   system: str = ""
@@ -77,20 +86,29 @@ class Settings:
 
 
 def eval_prompts(s: Settings, tok) -> tuple[dict[str, list], dict[str, list[list[int]]], dict]:
-  """({"helpful": [Prompt], "safety": [Prompt]}, their token ids, stats): the held-out prompts of each kind."""
+  """({"helpful": [Prompt], "safety": [Prompt]}, their token ids, stats): the evaluation prompts of each kind.
+
+  The `heldout_part` half of the held-out prompts that fit `max_prompt_tokens`; of each kind (IS_SAFETY false /
+  true) a sample of `prompts_per_set`, stratified by source (`stratified_sample`, seed `s.seed`), in source order.
+  stats["eval"]: `eval_stats` of the whole set (its safety share and strata).
+  """
   from l2jax.data import prompts as pr
-  _, held = pr.split_heldout(pr.read_prompts(list(s.prompts), skip_bad=True), s.heldout_fraction)
+  part = s.heldout_part or None
+  _, held = pr.split_heldout(pr.read_prompts(list(s.prompts), skip_bad=True), s.heldout_fraction, part)
   ids, kept, stats = pr.encode_prompts(tok, held, s.max_prompt_tokens, s.system)
-  out, out_ids = {"helpful": [], "safety": []}, {"helpful": [], "safety": []}
-  for x, p in zip(ids, kept):
-    kind = "safety" if p.is_safety else "helpful"
-    if len(out[kind]) < s.prompts_per_set:
-      out[kind].append(p)
-      out_ids[kind].append(x)
-  stats = {**stats, "heldout": len(held), "helpful": len(out["helpful"]), "safety": len(out["safety"])}
+  out, out_ids = {}, {}
+  for kind, flag in (("helpful", False), ("safety", True)):
+    idx = [i for i, p in enumerate(kept) if p.is_safety == flag]
+    pick = pr.stratified_sample([kept[i] for i in idx], s.prompts_per_set, s.seed)
+    out[kind], out_ids[kind] = [kept[idx[j]] for j in pick], [ids[idx[j]] for j in pick]
+  ev = pr.eval_stats(out["helpful"] + out["safety"])
+  stats = {**stats, "heldout_part": s.heldout_part or "all", "heldout": len(held), "helpful": len(out["helpful"]),
+           "safety": len(out["safety"]), "eval": ev}
   if not out["helpful"] and not out["safety"]:
-    raise ValueError(f"compare: no held-out prompts in {list(s.prompts)} at heldout_fraction={s.heldout_fraction} "
-                     f"and max_prompt_tokens={s.max_prompt_tokens}")
+    raise ValueError(f"compare: no held-out prompts in {list(s.prompts)} at heldout_fraction={s.heldout_fraction}, "
+                     f"heldout_part={s.heldout_part!r} and max_prompt_tokens={s.max_prompt_tokens}")
+  print(f"compare: {ev['prompts']} evaluation prompts from the {stats['heldout_part']!r} half of the held-out "
+        f"prompts (safety share {ev['safety_share']:.2f}; {ev['by_stratum']})", file=sys.stderr)
   return out, out_ids, stats
 
 
@@ -109,12 +127,15 @@ def generate(sampler, ids: Sequence[Sequence[int]], seeds: Sequence[int], *, max
   return texts, np.asarray(lens, np.int64), np.asarray(eos, bool)
 
 
-def score(rm, dialogs: list, texts: list[str], batch_size: int, min_len: int) -> np.ndarray:
+def score(rm, dialogs: list, texts: list[str], batch_size: int, min_len: int, finished=True) -> np.ndarray:
   """float32 [N] raw scores; every batch padded to one shape (batch_size rows of T tokens), so each reward
-  model compiles once: T = the power of two covering the longest row and `min_len`, at most the RM's seq_len."""
-  from l2jax.data.preferences import rows_to_arrays
+  model compiles once: T = the power of two covering the longest row and `min_len`, at most the RM's seq_len.
+  finished: bool or [N] bools; an answer cut off by max_new_tokens (False) is scored without EOS, as the
+  unfinished answer it is (l2jax.data.preferences.encode_responses). An empty answer is a valid one."""
+  from l2jax.data.preferences import encode_responses, rows_to_arrays
   from l2jax.reward import _bucket
-  rows = rm.encode(dialogs, texts)
+  done = [finished] * len(texts) if isinstance(finished, (bool, np.bool_)) else [bool(x) for x in finished]
+  rows = [encode_responses(rm.tokenizer, d, [t], rm.seq_len, finished=[f])[0] for d, t, f in zip(dialogs, texts, done)]
   T = _bucket(max([min_len] + [len(r) for r in rows]), rm.seq_len)
   out = np.zeros((len(rows),), np.float32)
   for i in range(0, len(rows), batch_size):
@@ -137,7 +158,7 @@ def answer_version(ckpt: str, prompts: dict, ids: dict, rms: dict, s: Settings) 
                               top_p=s.top_p, batch_size=s.batch_size)
   dialogs = [list(p.messages) for k in kinds for p in prompts[k]]
   min_len = s.max_prompt_tokens + s.max_new_tokens
-  scores = {name: score(rm, dialogs, texts, s.batch_size, min_len) for name, rm in rms.items()}
+  scores = {name: score(rm, dialogs, texts, s.batch_size, min_len, eos) for name, rm in rms.items()}
   is_safety = np.asarray([k == "safety" for k in kinds for _ in ids[k]])
   rc = np.asarray(combine(scores["helpful"], scores["safety"], is_safety, s.safety_threshold))
   res: dict = {"dir": str(ckpt)}
@@ -217,69 +238,30 @@ def tension_scores(rms: dict, s: Settings) -> dict:
   return out
 
 
-def _pct(x) -> str:
-  return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _num(x, fmt="{:+.3f}") -> str:
-  return "-" if x is None else fmt.format(x)
-
-
-def _win(w: dict | None) -> str:
-  if not w:
-    return "-"
-  return f"{_pct(w['win_rate'])} ({w['win']}/{w['tie']}/{w['loss']})"
-
-
-def markdown(result: dict) -> str:
-  """The versions table (+ Table 8 and figure links) of a compare result."""
-  ref = result["reference"]["name"]
-  judge = result["rms"].get("judge")
-  lines = [f"Reference: **{ref}** (`{result['reference']['dir']}`). Win rate = (wins + ties/2) / prompts, tie = "
-           f"|score difference| <= {result['settings']['tie_tol']} logit; in brackets wins/ties/losses. "
-           f"Held-out prompts: {result['prompts']['helpful']} helpfulness, {result['prompts']['safety']} safety. "
-           f"Violation = Rs < {result['settings']['safety_threshold']}; false refusal = phrase-list proxy "
-           f"(l2jax/eval/safety.py).", ""]
-  head = ["version", "helpful win % (Rh)", "harmless win % (Rs)"] + (["judge win % helpful / safety"] if judge else [])
-  head += ["mean Rh (helpful)", "mean Rs (safety)", "mean Rc", "violation %", "false refusal % (proxy)",
-           "mean length", "EOS %"]
-  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for name, v in result["versions"].items():
-    w = v["win"]
-    cells = [name, _win(w.get("helpful")), _win(w.get("safety"))]
-    if judge:
-      cells.append(f"{_win(w.get('judge_helpful'))} / {_win(w.get('judge_safety'))}")
-    cells += [_num(v["mean_rh_helpful"]), _num(v["mean_rs_safety"]), _num(v["mean_rc"]), _pct(v["violation_rate"]),
-              _pct(v["false_refusal_rate"]), _num(v["mean_length"], "{:.1f}"), _pct(v["eos_rate"])]
-    lines.append("| " + " | ".join(cells) + " |")
-  div = result.get("diversity")
-  if div:
-    temps = sorted({t for c in div.values() for vc in c.values() for t in vc}, key=float)
-    pick = {temps[0], temps[-1]} | {t for t in temps if float(t) in (0.7, 1.0)}
-    show = [t for t in temps if t in pick]
-    lines += ["", "Self-BLEU (Figure 21; higher = less diverse) at T = " + ", ".join(show) + ":", "",
-              "| version | " + " | ".join(f"{k} T={t}" for k in div for t in show) + " |",
-              "|" + "---|" * (1 + len(div) * len(show))]
-    for name in result["versions"]:
-      lines.append(f"| {name} | " + " | ".join(_num(div[k].get(name, {}).get(t), "{:.1f}") for k in div
-                                                for t in show) + " |")
-  if result.get("table8"):
-    lines += ["", "Reward-model accuracy on held-out HH-RLHF test pairs (Table 8 layout; HH pairs are unrated, so "
-              "only Avg is filled):", "", result["table8"]]
-  if result.get("tension"):
-    t = result["tension"]
-    lines += ["", "Helpfulness / safety RM correlation (Figure 32, Pearson r of raw scores): " + "; ".join(
-        f"{k} {side} {_num(v[side]['corr'], '{:+.2f}')}" for k, v in t.items() for side in ("chosen", "rejected"))]
-  lines += [""] + [f"![{k}]({f})" for k, f in result["figures"].items()]
-  return "\n".join(lines) + "\n"
+def check_dirs(models: dict[str, str], reference: tuple[str, str], rm_helpful: str, rm_safety: str,
+               judge: str | None = None) -> None:
+  """FileNotFoundError (one line) naming the first argument that is not an l2jax checkpoint directory, before any
+  model is loaded (an evaluation takes minutes per version)."""
+  named = [(f"--reference {reference[0]}", reference[1])] + [(f"--model {k}", v) for k, v in models.items()]
+  named += [("--rm-helpful", rm_helpful), ("--rm-safety", rm_safety)] + ([("--judge", judge)] if judge else [])
+  for flag, d in named:
+    if not (Path(d) / "config.json").is_file():
+      what = "no such directory" if not Path(d).exists() else "no config.json: not an l2jax checkpoint directory"
+      raise FileNotFoundError(f"compare: {flag}={d}: {what}")
 
 
 def compare(models: dict[str, str], reference: tuple[str, str], rm_helpful: str, rm_safety: str,
-            judge: str | None = None, out: str | Path = ".", settings: Settings = Settings()) -> dict:
-  """Evaluate `models` ({name: checkpoint dir}) against `reference` ((name, dir)); write the files to `out`."""
+            judge: str | None = None, out: str | Path = ".", settings: Settings = Settings(),
+            rm_note: str = "") -> dict:
+  """Evaluate `models` ({name: checkpoint dir}) against `reference` ((name, dir)); write the files to `out`.
+
+  rm_note: who the two reward models are (e.g. "held-out judges, trained on the other half of the preference
+  data"), kept in compare.json and shown in compare.md.
+  """
   import l2jax.reward
   from l2jax.data.tokenizer import Tokenizer
   from l2jax.eval import reward_accuracy
+  check_dirs(models, reference, rm_helpful, rm_safety, judge)
   s, out = settings, Path(out)
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
@@ -307,7 +289,7 @@ def compare(models: dict[str, str], reference: tuple[str, str], rm_helpful: str,
   ref = answers[ref_name]
   rows = {name: version_metrics(a, ref, bool(judge), s) for name, a in answers.items()}
   result: dict = {"settings": dataclasses.asdict(s), "reference": {"name": ref_name, "dir": str(ref_dir)},
-                  "models": dict(models), "rms": {"helpful": rm_helpful, "safety": rm_safety, "judge": judge},
+                  "models": dict(models), "rms": {"helpful": rm_helpful, "safety": rm_safety, "judge": judge, "note": rm_note},
                   "prompts": pstats, "versions": rows, "figures": {}}
   rc = {n: np.concatenate([a[k]["rc"] for k in ("helpful", "safety") if k in a]) for n, a in answers.items()}
   result["distributions"] = distributions.histograms(rc, s.bins)

@@ -31,11 +31,21 @@ from l2jax.data import gatt as gd
 TABLE_TURNS = (2, 4, 6, 20)
 
 
+def check_kinds(kinds: Sequence[str]) -> None:
+  """ValueError (one line listing the kinds) when `kinds` is empty or names a kind that does not exist."""
+  bad = [k for k in kinds if k not in gd.CHECKERS]
+  if bad or not kinds:
+    checkable = [k for k, v in gd.CHECKERS.items() if v]
+    raise ValueError(f"--kinds: unknown constraint kind {', '.join(map(repr, bad)) or '(none given)'}; choose from "
+                     f"{', '.join(gd.KINDS)} (automatic checkers: {', '.join(checkable)})")
+
+
 def eval_dialogs(users_per_dialog: Sequence[Sequence[str]], n: int, turns: int, kinds: Sequence[str], lists,
                  *, seed: int, max_per_instruction: int = 1, short_prob: float = 0.5,
                  max_user_words: int = 0) -> tuple[list, list]:
   """(instructions, user turns) of `n` evaluation dialogs of `turns` turns from held-out dialogs (cycled), each
   with an instruction drawn from the checkable `kinds` only; follow-ups come from the held-out users."""
+  check_kinds(kinds)
   kinds = [k for k in kinds if gd.CHECKERS[k] is not None]
   if not kinds:
     raise ValueError("consistency: none of the constraint kinds has an automatic checker "
@@ -215,7 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.label and len(args.label) != len(args.ckpt):
     print(f"error: {len(args.label)} --label for {len(args.ckpt)} --ckpt", file=sys.stderr)
     return 2
+  kinds = [k for k in args.kinds.split(",") if k]
   try:
+    check_kinds(kinds)
+    missing = [d for d in args.ckpt if not (Path(d) / "config.json").is_file()]
+    if missing:
+      raise FileNotFoundError(f"--ckpt {missing[0]}: not an l2jax checkpoint directory (no config.json)")
     from l2jax.data import dialogs as dl
     from l2jax.stages.common import split_documents
     lists = gd.load_lists(args.lists_dir)
@@ -223,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     held = split_documents(src, args.eval_every_nth)[1] if args.eval_every_nth > 0 else src
     labels = args.label or [str(c) for c in args.ckpt]
     s = run_eval(dict(zip(labels, args.ckpt)), gd.user_turns(held), out_dir=args.out, n=args.dialogs,
-                 turns=args.turns, kinds=args.kinds.split(","), lists=lists, placement=args.placement,
+                 turns=args.turns, kinds=kinds, lists=lists, placement=args.placement,
                  max_user_words=args.max_user_words, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, seed=args.seed, bins=args.bins, dtype=args.dtype)
   except (FileNotFoundError, ValueError) as e:

@@ -235,7 +235,8 @@ def run(cfg: c.RewardModel, run_dir: Path, check_sharding: bool = False):
   summary.update(steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps, global_batch=cfg.global_batch)
   if jax.process_index() == 0:
     (run_dir / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  print(f"reward model: {summary['train_pairs']} training pairs (part {cfg.data.part}; {summary['from_mix']} from the mix; "
+  print(f"reward model: {summary['train_pairs']} training pairs (part {cfg.data.part}; {summary['from_mix']} from "
+        f"the mix; "
         f"{summary['identical_dropped']} pairs with identical answers dropped), {cfg.steps} steps of "
         f"{cfg.global_batch} pairs, warmup {cfg.optim.warmup_steps}; eval sets {summary['eval_sets']}",
         file=sys.stderr)

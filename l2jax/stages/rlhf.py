@@ -1,17 +1,23 @@
 """Iterative RLHF (Llama 2 sections 3.2.3, 3.3, Figure 11): the versions as a composition of existing stages.
 
-run(cfg, run_dir), after the launcher resolved cfg.sft / rm_helpful / rm_safety (running them if missing):
+run(cfg, run_dir), after the launcher resolved cfg.sft / rm_helpful / rm_safety / judge_* (running them if missing):
   V1 .. VN   experiments/rejection.py:<rejection_arg> into RUN_DIR/v<n>-rs: sampler = init = version n-1's final
              (V0 = SFT; the GAtt model once GAtt ran), iteration n, pool = version n-1's pool.jsonl for
-             n >= pool_from (each pool keeps the best answer per prompt over all iterations it merged);
+             n >= pool_from (each pool keeps the best answer per prompt over all iterations it merged); from
+             n = 2 on, temperature_from = the previous rejection run (its Figure 8's best temperature: the paper's
+             "temperature rescaling", section 3.2.3) unless rescale_temperature is off;
   GAtt       experiments/gatt.py:<gatt_arg> into RUN_DIR/v<g>-gatt after version g = gatt_after: sampler = init =
              V<g>'s final; the versions after it sample from the GAtt model (the paper added GAtt after RLHF V3);
-  V N+1      experiments/ppo.py:<ppo_arg> into RUN_DIR/v<N+1>-ppo: policy = the last rejection-sampling final;
+  V N+1      with ppo_after_rs, one more rejection-sampling iteration from VN (V<N+1>-RS, RUN_DIR/v<N+1>-rs), then
+             experiments/ppo.py:<ppo_arg> into RUN_DIR/v<N+1>-ppo with policy = that checkpoint (section 3.2.3:
+             "applying PPO on top of the resulted Rejection Sampling checkpoint before sampling again"); without
+             it, PPO straight on VN;
 each through `l2jax.launch.launch` (its run-dir checks, lock, resume), with `*_sets` overrides last. A sub-run
 whose final/ exists is not launched again, so rerunning the command redoes nothing. Then RUN_DIR/versions.json
-(every stage in order), the evaluation of every version against SFT in RUN_DIR/eval (skipped when
-eval/compare.json already holds the same versions and settings), RUN_DIR/final (a symlink to the last version's
-final/, so `experiments/rlhf.py:ARG` is itself an experiment reference), and report.md (l2jax.report).
+(every stage in order), the versions evaluation (l2jax.eval.versions: every version against SFT, judged by the
+held-out judges, on the "report" half of the held-out prompts; Table 30 consistency from GAtt on) in
+RUN_DIR/eval, RUN_DIR/final (a symlink to the last version's final/, so `experiments/rlhf.py:ARG` is itself an
+experiment reference), and report.md (l2jax.report).
 """
 from __future__ import annotations
 
@@ -50,15 +56,17 @@ def plan(cfg: c.RLHF, run_dir: Path) -> list[Step]:
   """The sub-runs in order, with their overrides; paths of earlier sub-runs are known before they exist."""
   rms = (f"reward_models.helpful={cfg.rm_helpful}", f"reward_models.safety={cfg.rm_safety}")
   steps: list[Step] = []
-  prev_name, prev_final, prev_pool = "SFT", cfg.sft, ""
-  for n in range(1, cfg.rs_versions + 1):
-    d = f"v{n}-rs"
+  prev_name, prev_final, prev_pool, prev_rs = "SFT", cfg.sft, "", ""
+  n_rs = cfg.rs_versions + int(cfg.ppo and cfg.ppo_after_rs)
+  for n in range(1, n_rs + 1):
+    d, name = f"v{n}-rs", (f"V{n}" if n <= cfg.rs_versions else f"V{n}-RS")
     pool = prev_pool if n >= cfg.pool_from else ""
+    temp = (f"temperature_from={run_dir / prev_rs}",) if cfg.rescale_temperature and prev_rs else ()
     sets = (f"name={cfg.name}-v{n}", f"sampler={prev_final}", f"init={prev_final}", f"iteration={n}",
-            f"pool={pool}") + rms + tuple(cfg.rejection_sets)
-    steps.append(Step(f"V{n}", "rejection", f"experiments/rejection.py:{cfg.rejection_arg}", d, sets, prev_name))
-    prev_name, prev_final, prev_pool = f"V{n}", str(run_dir / d / "final"), str(run_dir / d / "pool.jsonl")
-    rs_final = prev_final
+            f"pool={pool}") + temp + rms + tuple(cfg.rejection_sets)
+    steps.append(Step(name, "rejection", f"experiments/rejection.py:{cfg.rejection_arg}", d, sets, prev_name))
+    prev_name, prev_final, prev_pool, prev_rs = name, str(run_dir / d / "final"), str(run_dir / d / "pool.jsonl"), d
+    rs_name, rs_final = prev_name, prev_final
     if n == cfg.gatt_after:
       g = f"v{n}-gatt"
       sets = (f"name={cfg.name}-v{n}-gatt", f"sampler={prev_final}", f"init={prev_final}") + tuple(cfg.gatt_sets)
@@ -68,7 +76,7 @@ def plan(cfg: c.RLHF, run_dir: Path) -> list[Step]:
     n = cfg.rs_versions + 1
     sets = (f"name={cfg.name}-v{n}", f"policy={rs_final}") + rms
     sets += ((f"iterations={cfg.ppo_iterations}",) if cfg.ppo_iterations > 0 else ()) + tuple(cfg.ppo_sets)
-    steps.append(Step(f"V{n}", "ppo", f"experiments/ppo.py:{cfg.ppo_arg}", f"v{n}-ppo", sets, f"V{cfg.rs_versions}"))
+    steps.append(Step(f"V{n}", "ppo", f"experiments/ppo.py:{cfg.ppo_arg}", f"v{n}-ppo", sets, rs_name))
   return steps
 
 
@@ -78,41 +86,23 @@ def _write_versions(cfg: c.RLHF, run_dir: Path, steps: list[Step]) -> list[dict]
           "final": cfg.rm_helpful},
          {"version": "RM safety", "stage": "reward", "from": "SFT", "run_dir": str(Path(cfg.rm_safety).parent),
           "final": cfg.rm_safety}]
+  out += [{"version": f"Judge {k}", "stage": "reward", "from": "SFT", "run_dir": str(Path(d).parent), "final": d}
+          for k, d in (("helpful", cfg.judge_helpful), ("safety", cfg.judge_safety)) if d]
   out += [{"version": s.version, "stage": s.stage, "from": s.source, "run_dir": s.run_dir,
            "final": str(run_dir / s.run_dir / "final"), "experiment": s.spec, "sets": list(s.sets)} for s in steps]
   (run_dir / VERSIONS).write_text(json.dumps(out, indent=1) + "\n")
   return out
 
 
-def eval_settings(cfg: c.RLHF):
-  """compare.Settings from cfg.eval (same field names)."""
-  from l2jax.eval.compare import Settings
-  names = {f.name for f in dataclasses.fields(Settings)}
-  return Settings(**{k: v for k, v in dataclasses.asdict(cfg.eval).items() if k in names})
-
-
-def evaluate(cfg: c.RLHF, run_dir: Path, steps: list[Step]) -> dict | None:
-  """Every version against SFT into RUN_DIR/eval, unless eval/compare.json already holds this evaluation."""
-  from l2jax.eval import compare
-  if not cfg.eval.enabled:
-    return None
-  settings = eval_settings(cfg)
-  models = {s.version: str(run_dir / s.run_dir / "final") for s in steps}
-  judge = cfg.eval.judge or None
-  out = run_dir / "eval"
-  old = None
-  if (out / "compare.json").is_file():
-    try:
-      old = json.loads((out / "compare.json").read_text())
-    except ValueError:
-      old = None
-  want = {"settings": json.loads(json.dumps(dataclasses.asdict(settings))), "models": models,
-          "reference": {"name": "SFT", "dir": cfg.sft},
-          "rms": {"helpful": cfg.rm_helpful, "safety": cfg.rm_safety, "judge": judge}}
-  if isinstance(old, dict) and all(old.get(k) == v for k, v in want.items()):
-    print(f"rlhf: {out / 'compare.json'} is up to date", file=sys.stderr)
-    return old
-  return compare.compare(models, ("SFT", cfg.sft), cfg.rm_helpful, cfg.rm_safety, judge, out, settings)
+def consistency_models(cfg: c.RLHF, run_dir: Path, steps: list[Step]) -> dict[str, str]:
+  """{label: final dir} for Table 30: the version GAtt started from, then every version from GAtt on ({} without
+  GAtt)."""
+  at = next((i for i, s in enumerate(steps) if s.stage == "gatt"), None)
+  if at is None:
+    return {}
+  g = steps[at]
+  before = str(cfg.sft) if g.source == "SFT" else str(run_dir / steps[at - 1].run_dir / "final")
+  return {f"{g.source} (before GAtt)": before, **{s.version: str(run_dir / s.run_dir / "final") for s in steps[at:]}}
 
 
 def _link_final(run_dir: Path, target: Path) -> None:
@@ -129,10 +119,11 @@ def _link_final(run_dir: Path, target: Path) -> None:
 
 def run(cfg: c.RLHF, run_dir: Path, check_sharding: bool = False):
   from l2jax import launch, report
+  from l2jax.eval import versions
   if check_sharding:
     raise ValueError("rlhf: --check-sharding applies to one stage; run it on experiments/rejection.py or ppo.py")
   run_dir = Path(run_dir)
-  for k in ("sft", "rm_helpful", "rm_safety"):
+  for k in ("sft", "rm_helpful", "rm_safety") + tuple(k for k in ("judge_helpful", "judge_safety") if getattr(cfg, k)):
     if not (Path(getattr(cfg, k)) / ckpt_lib.CONFIG).is_file():
       raise FileNotFoundError(f"rlhf: {k}={getattr(cfg, k)!r} is not a checkpoint directory (give a directory or "
                               f"an experiment reference such as experiments/sft.py:tiny)")
@@ -153,7 +144,8 @@ def run(cfg: c.RLHF, run_dir: Path, check_sharding: bool = False):
       return result
   if steps:
     _link_final(run_dir, run_dir / steps[-1].run_dir / "final")
-  evaluate(cfg, run_dir, steps)
+  versions.evaluate(cfg, run_dir, {s.version: str(run_dir / s.run_dir / "final") for s in steps})
+  versions.consistency(cfg, run_dir, consistency_models(cfg, run_dir, steps))
   out = report.write(run_dir)
   print(f"rlhf: wrote {out} (python -m l2jax.report {run_dir} rewrites it)", file=sys.stderr)
   return None
