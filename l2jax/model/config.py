@@ -27,7 +27,8 @@ class LlamaConfig:
     param_dtype: storage dtype of parameters.
     remat: rematerialisation of each block in the backward pass: none | full | dots.
     scan_layers: run blocks with lax.scan (compile time independent of depth).
-    attention_impl: None (cuDNN flash attention on GPU in bf16/fp16 where it applies, else XLA), "xla" or "cudnn".
+    attention_impl: None (splash attention on TPU, cuDNN flash attention on GPU in bf16/fp16 where it applies,
+      else XLA), "xla", "cudnn" or "splash" (Pallas splash attention; interpret mode off TPU, for tests).
   """
   vocab_size: int = 32000
   dim: int = 4096
@@ -59,8 +60,9 @@ class LlamaConfig:
       raise ValueError(f"LlamaConfig: dtype/param_dtype must be one of {DTYPES}, found {self.dtype!r}/{self.param_dtype!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"LlamaConfig.remat: expected one of {REMAT_POLICIES}, found {self.remat!r}")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      raise ValueError(f"LlamaConfig.attention_impl: expected None, 'xla' or 'cudnn', found {self.attention_impl!r}")
+    if self.attention_impl not in (None, "xla", "cudnn", "splash"):
+      raise ValueError(f"LlamaConfig.attention_impl: expected None, 'xla', 'cudnn' or 'splash', found "
+                       f"{self.attention_impl!r}")
 
   @property
   def head_dim(self) -> int:

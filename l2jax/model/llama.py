@@ -80,12 +80,19 @@ class Blocks(nnx.Module):
     self.w2 = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), pd)
 
 
-def attention(q_bthk, k_bshk, v_bshk, mask_b1ts, is_causal: bool, impl: str | None, cached: bool = False):
-  """softmax(q k^T / sqrt(head_dim) + mask) v with grouped KV heads, through `jax.nn.dot_product_attention`.
+def attention(q_bthk, k_bshk, v_bshk, mask_b1ts, mode: str, impl: str | None, cached: bool = False):
+  """softmax(q k^T / sqrt(head_dim) + mask) v with grouped KV heads.
 
-  impl None picks cuDNN flash attention on GPU for bf16 / fp16 without a KV cache (JAX's own default is XLA),
-  falling back to XLA when cuDNN rejects the shapes or mask; "xla" / "cudnn" force one.
+  mode: "causal" (no mask array), "mask" (mask_b1ts [B, 1, T, S] bool) or "splash" (causal within segments on
+  TPU's splash kernel, l2jax.model.splash; mask_b1ts then carries the segment ids [B, T] or None).
+  Otherwise `jax.nn.dot_product_attention`: impl None picks cuDNN flash attention on GPU for bf16 / fp16 without
+  a KV cache (JAX's own default is XLA), falling back to XLA when cuDNN rejects the shapes or mask; "xla" /
+  "cudnn" force one.
   """
+  if mode == "splash":
+    from l2jax.model.splash import splash_attention
+    return splash_attention(q_bthk, k_bshk, v_bshk, mask_b1ts)
+  is_causal = mode == "causal"
   if impl is None and not cached and q_bthk.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
     try:
       return jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask_b1ts, is_causal=is_causal,
@@ -93,10 +100,19 @@ def attention(q_bthk, k_bshk, v_bshk, mask_b1ts, is_causal: bool, impl: str | No
     except Exception:  # unsupported by this cuDNN / shape / mask: use XLA  # noqa: BLE001
       pass
   return jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask_b1ts, is_causal=is_causal,
-                                      implementation=impl)
+                                      implementation=None if impl == "splash" else impl)
 
 
-def _block(cfg: LlamaConfig, p: Params, x_btd, cos, sin, mask_b1ts, is_causal: bool, kv=None, positions_bt=None):
+def use_splash(cfg: LlamaConfig, seq_len: int) -> bool:
+  """Splash attention for a cache-free forward pass: attention_impl "splash", or the default (None) when building
+  for TPU; only where the sequence tiles (a multiple of 128), else XLA."""
+  from l2jax.model import splash
+  if cfg.attention_impl == "splash" or (cfg.attention_impl is None and splash.on_tpu()):
+    return splash.supported(seq_len)
+  return False
+
+
+def _block(cfg: LlamaConfig, p: Params, x_btd, cos, sin, mask_b1ts, mode: str, kv=None, positions_bt=None):
   """One pre-norm block: x + Attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)).
 
   kv: (k_all, v_all, layer) -- the whole cache, updated in place at [layer, row, position] (a scatter into
@@ -117,7 +133,7 @@ def _block(cfg: LlamaConfig, p: Params, x_btd, cos, sin, mask_b1ts, is_causal: b
     v_all = v_all.at[layer, rows_b1, positions_bt].set(v.astype(v_all.dtype))
     kv = (k_all, v_all, layer)
     k, v = k_all[layer].astype(dt), v_all[layer].astype(dt)
-  attn_bthk = attention(q, k, v, mask_b1ts, is_causal, cfg.attention_impl, cached=kv is not None)
+  attn_bthk = attention(q, k, v, mask_b1ts, mode, cfg.attention_impl, cached=kv is not None)
   x_btd = x_btd + jnp.einsum("bthk,hkd->btd", attn_bthk, p["wo"].astype(dt))
   x_btd = constrain(x_btd, ("batch", "seq", "embed"))
   h_btd = rms_norm(x_btd, p["ffn_norm"], cfg.norm_eps)
@@ -163,12 +179,14 @@ class Llama(nnx.Module):
     x_btd = constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt), ("batch", "seq", "embed"))
     cos, sin = rope_angles(positions_bt, cfg.head_dim, cfg.rope_theta)
 
-    is_causal, mask_b1ts = False, None
+    mode, mask_b1ts = "mask", None
     if cache is not None:
       slots_s = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
       mask_b1ts = (slots_s[None, None, None, :] <= positions_bt[:, None, :, None])
+    elif use_splash(cfg, T):   # causal within segments, on the TPU kernel; the mask slot carries segment ids
+      mode, mask_b1ts = "splash", segment_ids_bt
     elif segment_ids_bt is None and default_positions:
-      is_causal = True
+      mode = "causal"
     else:
       idx_t = jnp.arange(T)
       causal_tt = idx_t[:, None] >= idx_t[None, :]
@@ -181,13 +199,13 @@ class Llama(nnx.Module):
     if cfg.scan_layers:
       if cache is None:
         def body(x, p):
-          return block(cfg, p, x, cos, sin, mask_b1ts, is_causal)[0], None
+          return block(cfg, p, x, cos, sin, mask_b1ts, mode)[0], None
         x_btd, _ = jax.lax.scan(body, x_btd, layer_params)
       else:
         def body(carry, xs):
           x, k_all, v_all = carry
           p, i = xs
-          x, (k_all, v_all, _) = block(cfg, p, x, cos, sin, mask_b1ts, is_causal, (k_all, v_all, i), positions_bt)
+          x, (k_all, v_all, _) = block(cfg, p, x, cos, sin, mask_b1ts, mode, (k_all, v_all, i), positions_bt)
           return (x, k_all, v_all), None
         (x_btd, k_all, v_all), _ = jax.lax.scan(
             body, (x_btd, cache.k, cache.v), (layer_params, jnp.arange(cfg.n_layers)))
@@ -197,7 +215,7 @@ class Llama(nnx.Module):
       for i in range(cfg.n_layers):
         p = jax.tree.map(lambda a: a[i], layer_params)
         kv = None if kv is None else (kv[0], kv[1], i)
-        x_btd, kv = block(cfg, p, x_btd, cos, sin, mask_b1ts, is_causal, kv, positions_bt)
+        x_btd, kv = block(cfg, p, x_btd, cos, sin, mask_b1ts, mode, kv, positions_bt)
       if cache is not None:
         cache = KVCache(kv[0], kv[1])
     h_btd = rms_norm(x_btd, self.norm[...], cfg.norm_eps)

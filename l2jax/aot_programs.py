@@ -1,0 +1,179 @@
+"""The jitted programs of each stage, built abstractly for `l2jax.aot`: the stage's own step functions, shapes and
+shardings, from `jax.ShapeDtypeStruct`s (no parameters, checkpoints or data).
+
+  pretrain, sft, gatt      train_step (the LM loss, micro-batch accumulation, AdamW), eval_step
+  reward                   train_step (the ranking loss of section 3.2.2 on [pairs, 2, seq] rows), score_step
+  rejection                generate (the sampler, K samples per prompt, on one host's chips as the stage runs
+                           it), train_step (fine-tuning on the pool)
+  ppo                      generate, score, update (section 3.2.3; `l2jax.stages.ppo.build_programs`)
+
+An architecture named by a reference (`init`, `policy`, `sampler`: a model directory or an experiment) is read
+from that directory's config.json or that experiment's config, never from its weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from l2jax import sharding as shd
+from l2jax import train
+from l2jax.aot import AotError, Program
+from l2jax.model import llama
+from l2jax.model.config import LlamaConfig
+
+NUMERICS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl")
+
+
+def for_slices(cfg: Any, slices: int) -> Any:
+  """`cfg` with mesh.dcn = slices (data parallelism across slices; the global batch is unchanged)."""
+  return dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn=slices)) if slices > 1 else cfg
+
+
+def architecture(ref: str, numerics: LlamaConfig, _depth: int = 0) -> LlamaConfig:
+  """The model config a stage builds from `ref`: the architecture of the model directory or experiment it names
+  (its config.json, or that experiment's own `model` / init chain), with `numerics`' dtype, remat and kernels, as
+  `stages.common.model_setup` does. "" or an unknown path: `numerics` itself."""
+  from l2jax.launch import is_reference, load_experiment
+  saved = None
+  if ref and (Path(ref) / "config.json").is_file():
+    saved = LlamaConfig.load(Path(ref) / "config.json")
+  elif ref and is_reference(ref) and _depth < 8:
+    sub = load_experiment(ref)[0]
+    inner = getattr(sub, "init", "") or getattr(sub, "sampler", "") or getattr(getattr(sub, "policy", None), "ckpt", "")
+    saved = architecture(inner, sub.model, _depth + 1) if hasattr(sub, "model") else None
+  if saved is None:
+    return numerics
+  return saved.replace(**{k: getattr(numerics, k) for k in NUMERICS})
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _batch(mesh, rules, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> tuple[dict, dict]:
+  """(shardings, ShapeDtypeStructs) of a batch dict {name: (shape, dtype)} split over the batch axes."""
+  sh = {k: shd.batch_sharding(mesh, rules, len(s)) for k, (s, _) in shapes.items()}
+  return sh, {k: jax.ShapeDtypeStruct(s, d, sharding=sh[k]) for k, (s, d) in shapes.items()}
+
+
+def lm_batch(rows: int, seq_len: int) -> dict:
+  i32 = jnp.int32
+  return {"tokens": ((rows, seq_len), i32), "targets": ((rows, seq_len), i32), "positions": ((rows, seq_len), i32),
+          "segment_ids": ((rows, seq_len), i32), "loss_mask": ((rows, seq_len), jnp.float32)}
+
+
+def train_programs(cfg, mesh, loss_fn, abstract_params, axes, batch_shapes: dict, eval_fn=None,
+                   eval_shapes: dict | None = None) -> list[Program]:
+  """The one loop's train step (train.make_train_step with the stage's optimizer and accumulation), jitted as
+  train.compile_step does, and the held-out evaluation forward pass."""
+  micro = cfg.global_batch // cfg.micro_batch if cfg.micro_batch else 1
+  steps = max(int(getattr(cfg, "steps", 0) or 0), 1)
+  optimizer = train.make_optimizer(cfg.optim, steps)
+  step_fn = train.make_train_step(loss_fn, optimizer, micro, train.lr_schedule(cfg.optim, steps))
+  abstract_state = jax.eval_shape(lambda p: train.init_state(p, optimizer, cfg.seed), abstract_params)
+  st_sh = train.state_shardings(abstract_state, axes, mesh)
+  b_sh, batch = _batch(mesh, shd.TRAIN_RULES, batch_shapes)
+  fn = jax.jit(step_fn, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
+  note = f"{cfg.global_batch} rows, {micro} micro-batch(es)"
+  out = [Program("train_step", fn, (_abstract(abstract_state, st_sh), batch), mesh, shd.TRAIN_RULES, note)]
+  if eval_fn is not None:
+    p_sh = st_sh["params"]
+    e_sh, e_batch = _batch(mesh, shd.TRAIN_RULES, eval_shapes or batch_shapes)
+    out.append(Program("eval_step", jax.jit(eval_fn, in_shardings=(p_sh, e_sh)),
+                       (_abstract(abstract_state["params"], p_sh), e_batch), mesh, shd.TRAIN_RULES))
+  return out
+
+
+def lm_programs(cfg, mesh, init: str, with_eval: bool) -> list[Program]:
+  from l2jax.stages.common import lm_loss_fn
+  model_cfg = architecture(init, cfg.model)
+  if cfg.seq_len > model_cfg.max_seq_len:
+    raise AotError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+  abstract = llama.abstract(model_cfg)
+  graphdef, params = llama.split(abstract)
+  loss_fn = lm_loss_fn(graphdef)
+  shapes = lm_batch(cfg.global_batch, cfg.seq_len)
+  return train_programs(cfg, mesh, loss_fn, params, llama.logical_axes(abstract), shapes,
+                        eval_fn=loss_fn if with_eval else None)
+
+
+def reward_programs(cfg, mesh) -> list[Program]:
+  from l2jax.stages.reward import abstract_scalar_model, pair_loss_fn, pair_scores_fn
+  model_cfg = architecture(cfg.init, cfg.model)
+  abstract = abstract_scalar_model(model_cfg)
+  graphdef, params = llama.split(abstract)
+  axes = llama.logical_axes(abstract)
+  P, T = cfg.global_batch, cfg.seq_len
+  shapes = {"tokens": ((P, 2, T), jnp.int32), "mask": ((P, 2, T), jnp.int32), "rating": ((P,), jnp.int32),
+            "valid": ((P,), jnp.float32)}
+  progs = train_programs(cfg, mesh, pair_loss_fn(graphdef, cfg.margin), params, axes, shapes)
+  E = cfg.eval_batch or P
+  p_sh = shd.tree_shardings(axes, mesh, shd.TRAIN_RULES, params)
+  e_sh, e = _batch(mesh, shd.TRAIN_RULES, {"tokens": ((E, 2, T), jnp.int32), "mask": ((E, 2, T), jnp.int32)})
+  score = jax.jit(pair_scores_fn(graphdef), in_shardings=(p_sh, e_sh["tokens"], e_sh["mask"]))
+  progs.append(Program("score_step", score, (_abstract(params, p_sh), e["tokens"], e["mask"]), mesh,
+                       shd.TRAIN_RULES, f"{E} pairs"))
+  return progs
+
+
+def generate_program(model_cfg: LlamaConfig, mesh, rows: int, prompt_len: int, max_new_tokens: int,
+                     sampling: tuple[bool, bool, bool], name: str = "generate") -> Program:
+  """The sampler's prefill + decode loop (`l2jax.sample._generate`) for `rows` prompts of `prompt_len` tokens,
+  weights under SAMPLE_RULES (tensor-parallel, replicated over data / fsdp), as `Sampler` places them."""
+  from l2jax.sample import _bucket, _generate, _row_keys
+  abstract = llama.abstract(model_cfg)
+  graphdef, params = llama.split(abstract)
+  p_sh = shd.tree_shardings(llama.logical_axes(abstract), mesh, shd.SAMPLE_RULES, params)
+  cache_len = min(max(prompt_len, _bucket(prompt_len + max_new_tokens, 16)), model_cfg.max_seq_len)
+  b_sh, b = _batch(mesh, shd.SAMPLE_RULES, {"tokens": ((rows, prompt_len), jnp.int32), "lens": ((rows,), jnp.int32),
+                                            "limits": ((rows,), jnp.int32)})
+  keys = jax.eval_shape(_row_keys, jax.ShapeDtypeStruct((rows,), jnp.uint32), jax.ShapeDtypeStruct((rows,), jnp.uint32))
+  keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=b_sh["lens"])
+  scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
+  args = (_abstract(params, p_sh), b["tokens"], b["lens"], b["limits"], keys, scalar(jnp.float32),
+          scalar(jnp.int32), scalar(jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32), scalar(jnp.int32))
+
+  class _Static:  # binds the static arguments so compile_program can call fn.lower(*args)
+    def lower(self, *a):
+      return _generate.lower(*a, graphdef=graphdef, cache_len=cache_len, n_out=_bucket(max_new_tokens, 16),
+                             mode=sampling, mesh=mesh, return_logits=False)
+  return Program(name, _Static(), args, mesh, shd.SAMPLE_RULES,
+                 f"{rows} rows x ({prompt_len} prompt + {max_new_tokens} new) tokens")
+
+
+def rejection_programs(cfg, mesh, devices) -> list[Program]:
+  """Sampling runs on each host's own chips (the stage shards prompts over hosts), fine-tuning on the slice."""
+  sampler = cfg.sampler or cfg.init
+  model_cfg = architecture(sampler, cfg.model)
+  if cfg.sample_dtype:
+    model_cfg = model_cfg.replace(dtype=cfg.sample_dtype)
+  host = [d for d in devices if d.process_index == devices[0].process_index]
+  host_mesh = shd.make_mesh(1, -1, cfg.mesh.tensor if len(host) % cfg.mesh.tensor == 0 else 1, devices=host)
+  rows = cfg.batch_prompts * cfg.samples_per_prompt
+  rows = -(-rows // len(host)) * len(host)
+  progs = [generate_program(model_cfg, host_mesh, rows, cfg.prompts.max_prompt_tokens, cfg.max_new_tokens,
+                            (False, cfg.top_k > 0, cfg.top_p < 1.0))]
+  return progs + lm_programs(cfg, mesh, cfg.init or sampler, with_eval=False)
+
+
+def programs(cfg, devices) -> list[Program]:
+  """Every jitted program of the stage config `cfg` on a mesh over `devices` (cfg.mesh sizes the axes)."""
+  stage = type(cfg).stage
+  mesh = shd.mesh_from_config(cfg.mesh, devices)
+  if stage == "pretrain":
+    return lm_programs(cfg, mesh, cfg.init, with_eval=cfg.data.eval_every_nth > 0 and cfg.eval_every > 0)
+  if stage in ("sft", "gatt"):
+    return lm_programs(cfg, mesh, cfg.init, with_eval=getattr(cfg, "eval_every", 0) > 0)
+  if stage == "reward":
+    return reward_programs(cfg, mesh)
+  if stage == "rejection":
+    return rejection_programs(cfg, mesh, devices)
+  if stage == "ppo":
+    from l2jax.stages.ppo import aot_programs
+    return aot_programs(cfg, mesh)
+  raise AotError(f"stage {stage!r} has no programs of its own to compile (it composes other experiments: run "
+                 f"--aot on each of them)")
