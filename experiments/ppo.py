@@ -9,7 +9,10 @@ PPO clip 0.2; beta = 0.01 (7B, 13B) / 0.005 (34B, 70B); 200 iterations with held
 iterations) for early stopping. Where the paper is silent (docs/ppo.md): KL as a per-token reward (k1), GAE
 gamma 1 / lambda 0.95, advantages whitened per batch, clipped value loss 0.2, the value model initialised from
 the helpfulness RM with lr 9e-6 (OpenRLHF's critic default), one PPO epoch, responses of at most 1024 tokens
-after prompts of at most 1024 (HH-RLHF + OpenAssistant prompts; point prompts.sources at your own JSONL).
+after prompts of at most 1024 (the HH-RLHF train splits + OpenAssistant trees, placed as data/README.md says, as
+rejection sampling reads them; point prompts.sources at your own JSONL). Sampling at temperature 1 from the whole
+distribution (top_p is refused: docs/ppo.md). The evaluation set that early-stops and selects final/ is a
+stratified sample of the held-out "select" half; the versions evaluation reports on the other half.
 Memory plan (`--check-sharding` prints and checks it): the policy and the value model are trained fully sharded
 (fp32 master weights + AdamW over fsdp x tensor), the reference and both reward models are frozen in bf16, and
 the policy is consolidated to the sampling layout for generation.
@@ -25,8 +28,16 @@ smallest size (CI).
 from l2jax import config as c
 from l2jax.model import presets
 
+# tiny / test: the shipped files (the HH-RLHF test splits, data/README.md); never for the paper sizes
 PROMPTS = ("hh-safety:data/hh-rlhf/harmless-base-test.jsonl.gz", "hh-helpful:data/hh-rlhf/helpful-base-test.jsonl.gz",
            "oasst:data/oasst/en_100_tree.jsonl")
+# the paper sizes: the HH-RLHF *train* splits and the OpenAssistant trees, as experiments/rejection.py reads them
+# (the test splits are the reward models' evaluation set, and only ~4.5k prompts: 200 x 512 rollouts would be
+# ~22 passes over each)
+PAPER_PROMPTS = (("hh-safety:data/hh-rlhf/harmless-base/train.jsonl.gz",) +
+                 tuple(f"hh-helpful:data/hh-rlhf/{s}/train.jsonl.gz" for s in
+                       ("helpful-base", "helpful-online", "helpful-rejection-sampled")) +
+                 ("oasst:data/oasst/*.trees.jsonl",))
 # (beta, mesh, devices of the memory plan (80 GiB each): one 8-GPU node for 7B, 2 nodes for 13B, 4 for 34B,
 # 8 for 70B; generation in 4 chunks of 128 prompts keeps the KV cache of the MHA models (7B, 13B) in bounds)
 SIZES = {"7b": (0.01, c.Mesh(fsdp=-1), 8), "13b": (0.01, c.Mesh(fsdp=-1, tensor=2), 16),
@@ -61,7 +72,7 @@ def get_config(arg: str | None = None) -> c.PPO:
                                    safety_threshold=0.15),
       value_init="helpful", model=presets.get(f"llama2-{size}", dtype="bfloat16", remat="full"),
       frozen_dtype="bfloat16",
-      prompts=c.Prompts(sources=PROMPTS, max_prompt_tokens=1024, heldout_fraction=0.05, eval_prompts=256,
+      prompts=c.Prompts(sources=PAPER_PROMPTS, max_prompt_tokens=1024, heldout_fraction=0.05, eval_prompts=256,
                         skip_bad=True),
       max_new_tokens=1024, temperature=1.0, top_p=1.0, kl_beta=beta, optim=PAPER_OPTIM,
       value_optim=c.AdamW(lr=9e-6, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip=1.0, warmup_steps=0,

@@ -1,4 +1,4 @@
-"""The PPO stage (issue 10): one run's outputs, the KL at pi_0, sharded = one device, learning on a rule reward,
+"""The PPO stage (Llama 2 section 3.2.3): one run's outputs, the KL at pi_0, sharded = one device, learning on a rule reward,
 resume after SIGKILL. Small random models on the 512-piece stories260K tokenizer keep it fast on 2 cores."""
 import json
 import os
@@ -65,6 +65,9 @@ def metrics(run_dir) -> dict[int, dict]:
   return out
 
 
+PENALTY = 0.5
+
+
 @pytest.fixture(scope="module")
 def two_iterations(models, tmp_path_factory):
   from l2jax import sharding as shd
@@ -74,7 +77,7 @@ def two_iterations(models, tmp_path_factory):
   orig = shd.make_mesh
   mp.setattr(shd, "make_mesh", lambda *a, **k: orig(1, 1, 1, devices=jax.devices()[:1]))
   try:
-    result = ppo.run(ppo_config(models), run_dir)
+    result = ppo.run(ppo_config(models, missing_eos_penalty=PENALTY), run_dir)
   finally:
     mp.undo()
   return run_dir, result
@@ -93,9 +96,15 @@ def test_logs_what_rl_users_look_for(two_iterations):
               "explained_variance", "response_len", "eos_rate", "safety_share", "t_generate", "t_score", "t_train",
               "gen_tokens_per_s", "policy_loss", "finite"):
     assert key in m[1] and key in m[2], key
-  assert abs(m[1]["rc_whitened"]) < 1e-5                  # R~c is whitened over the batch
-  for key in ("eval_rc", "eval_rh", "eval_rs", "eval_kl", "eval_violation_rate"):
+  for s in (1, 2):   # R~c: the whitened score less the penalty on each response cut without EOS
+    assert m[s]["rc_whitened"] == pytest.approx(-PENALTY * (1.0 - m[s]["eos_rate"]), abs=1e-5)
+  for key in ("eval_rc", "eval_rh", "eval_rs", "eval_kl", "eval_violation_rate", "eval_safety_share"):
     assert key in m[2], key
+  # the evaluation set's mean Rc is the prompt-weighted mean of its safety and helpful halves
+  share = m[2]["eval_safety_share"]
+  assert 0.0 < share < 1.0
+  assert m[2]["eval_rc"] == pytest.approx(share * m[2]["eval_rc_safety"] + (1 - share) * m[2]["eval_rc_helpful"],
+                                          rel=1e-5, abs=1e-6)
   assert 0.0 <= m[2]["eval_violation_rate"] <= 1.0 and m[1]["response_len"] <= 16
 
 
@@ -123,21 +132,9 @@ def test_writes_samples_final_value_and_plot(two_iterations, models):
 
 def _run_one_iteration(models, mesh_cfg):
   from l2jax import sharding as shd
-  from l2jax.data import prompts as prompts_lib
   from l2jax.stages import ppo
   cfg = ppo_config(models, mesh=mesh_cfg)
-  mesh = shd.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
-  m = ppo.load_models(cfg)
-  data = ppo.load_prompts(cfg.prompts, m.tokenizer)
-  progs = ppo.build_programs(cfg, m, mesh)
-  batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=8, prompt_len=64, seed=0,
-                                      pad_id=m.tokenizer.pad_id)
-  params = {"policy": shd.put(m.host["policy"], progs.state_shardings["params"]["policy"]),
-            "value": shd.put(m.host["value"], progs.state_shardings["params"]["value"])}
-  state = jax.jit(progs.init_state, out_shardings=progs.state_shardings)(params)
-  step = ppo.PPOStep(progs, 80)
-  state, met = step(state, shd.global_batch(next(batches), mesh))
-  return jax.device_get(state["params"]), {k: float(v) for k, v in met.items() if np.ndim(v) == 0}
+  return ppo.one_iteration(cfg, shd.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor))
 
 
 @pytest.mark.slow
@@ -223,7 +220,7 @@ def test_memory_plan_for_70b_is_the_arithmetic_of_the_shardings():
   from l2jax.stages import ppo_plan
   cfg, _ = load_experiment(str(ROOT / "experiments/ppo.py:70b"))
   p = ppo_plan.plan(cfg, 64)
-  assert p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 8} and p["fits"]
+  assert p["mesh"] == {"dcn": 1, "data": 1, "fsdp": 8, "tensor": 8} and p["fits"]
   n = presets.get("llama2-70b").num_params()
   gib = 1024 ** 3
   # fp32 master weights sharded over the 64 devices (but the RMSNorm gains, 161 x 8192, replicated: + 0.12%);
@@ -268,3 +265,89 @@ def test_tiny_chain_through_the_launcher_from_an_empty_runs_dir(tmp_path):
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "first" not in again.stderr and sorted(metrics(runs / "ppo-test")) == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------------- early stopping
+
+def test_early_stopping_derives_its_count_from_the_history(tmp_path):
+  """A resumed run that repeats an evaluation (killed after early_stop.json recorded it, before the checkpoint)
+  reaches the decision of the uninterrupted run: the count comes from the history, not from a saved counter."""
+  from l2jax.stages.ppo_outputs import EarlyStopping
+  e = EarlyStopping(tmp_path, patience=2)
+  assert e.update(0, 1.0) == (True, False) and e.update(2, 0.5) == (False, False)
+  e.save()
+  assert EarlyStopping(tmp_path, 2).update(2, 0.5) == (False, False)    # the repeat is not a second bad one
+  r = EarlyStopping(tmp_path, 2, start=1)
+  assert r.update(2, 0.5) == (False, False) and r.bad == 1 and r.update(4, 0.4) == (False, True)
+  r.save()
+  # a stop recorded at 4 by a run killed before checkpoints/4: the resumed run (from 3) redoes iteration 4
+  again = EarlyStopping(tmp_path, 2, start=3)
+  assert not again.stopped and [h["step"] for h in again.history] == [0, 2] and again.bad == 1
+  assert EarlyStopping(tmp_path, 2, start=4).stopped
+  # a better evaluation resets the count; a repeated best stays the best once
+  (tmp_path / "b").mkdir()
+  b = EarlyStopping(tmp_path / "b", 2)
+  for step, rc in ((0, 1.0), (2, 0.9), (4, 1.5), (4, 1.5), (6, 1.0)):
+    b.update(step, rc)
+  assert (b.best, b.best_step, b.bad, b.stopped) == (1.5, 4, 1, False)
+
+
+def test_the_plan_module_does_not_import_the_stage():
+  """ppo_plan is arithmetic on shapes; the one-iteration check lives with the programs (no import circle)."""
+  import ast
+  tree = ast.parse((ROOT / "l2jax/stages/ppo_plan.py").read_text())
+  names = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "l2jax.stages"
+           for a in n.names] + [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+  assert "ppo" not in names and "l2jax.stages.ppo" not in names
+
+
+def _zero_reward(frozen, tokens_bt, seq_mask_bt, mask_bt):
+  """Every answer scores 0: no evaluation ever beats the first, so patience decides the stop."""
+  z = jnp.zeros(tokens_bt.shape[:1], jnp.float32)
+  return z, z
+
+
+def _stopping_config(models):
+  # one mini-batch per iteration: the only step's ratio is exactly 1, at a temperature other than 1 too
+  return ppo_config(models, iterations=6, eval_every=2, patience=2, temperature=0.7, minibatch=8,
+                    ckpt=c.Checkpointing(every=1, keep=10, async_save=False))
+
+
+@pytest.mark.slow
+def test_early_stop_writes_value_and_a_resumed_run_stops_where_the_uninterrupted_one_does(models, tmp_path,
+                                                                                           one_device):
+  import shutil
+  from l2jax.stages import ppo
+  cfg = _stopping_config(models)
+  ref = tmp_path / "ref"
+  ppo.run(cfg, ref, reward_fn=_zero_reward)
+  early = json.loads((ref / "early_stop.json").read_text())
+  assert [h["step"] for h in early["history"]] == [0, 2, 4] and early["stopped"] and early["best_step"] == 0
+  m = metrics(ref)
+  assert sorted(m) == [0, 1, 2, 3, 4]
+  for s in (1, 2, 3, 4):   # log-probs of the sampled distribution (T = 0.7) in the rollout and the update
+    assert m[s]["ratio"] == pytest.approx(1.0, abs=1e-5) and m[s]["approx_kl"] < 1e-8, m[s]
+  assert (ref / "final" / "config.json").is_file() and (ref / "value" / "config.json").is_file()
+  ref_value = ck.restore_params(ref / "value" / "params")
+
+  def killed_copy(name, last_ckpt, evals):
+    """ref as a SIGKILL would have left it: checkpoints up to `last_ckpt`, evaluations up to `evals` recorded."""
+    d = tmp_path / name
+    shutil.copytree(ref, d)
+    for p in (d / "checkpoints").iterdir():
+      if p.name.isdigit() and int(p.name) > last_ckpt:
+        shutil.rmtree(p)
+    shutil.rmtree(d / "final")
+    shutil.rmtree(d / "value")
+    hist = [h for h in early["history"] if h["step"] <= evals]
+    bad = len(hist) - 1   # every evaluation after the first is no better (the reward is 0)
+    (d / "early_stop.json").write_text(json.dumps({**early, "history": hist, "bad_evals": bad,
+                                                   "stopped": bad >= 2}))
+    return d
+
+  for d in (killed_copy("after_eval_2", 1, 2), killed_copy("after_eval_4", 3, 4)):
+    ppo.run(cfg, d, reward_fn=_zero_reward)
+    assert json.loads((d / "early_stop.json").read_text())["history"] == early["history"], d.name
+    got = ck.restore_params(d / "value" / "params")
+    for x, y in zip(jax.tree.leaves(ref_value), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

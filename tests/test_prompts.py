@@ -192,3 +192,33 @@ def test_jsonl_prompts_bad_line_and_skip(tmp_path):
   assert ps[1].messages == ({"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"})
   with pytest.raises(ValueError, match="FORMAT:PATH"):
     P.read_prompts([f"hh:{path}"])
+
+
+def _write_jsonl(path, rows):
+  path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+  return path
+
+
+def test_skipped_bad_counts_survive_the_split_and_the_encoding(tmp_path, tok):
+  """The bad records skipped at reading reach the statistics of both parts (data_stats.json)."""
+  good = [{"messages": [{"role": "user", "content": f"Question number {i}?"}], "safety": i % 2 == 0}
+          for i in range(40)]
+  path = _write_jsonl(tmp_path / "p.jsonl", good[:10] + ["not json", "{]"] + good[10:])
+  ps = P.read_prompts([f"jsonl:{path}"], skip_bad=True)
+  train, held = P.split_heldout(ps, 0.3)
+  assert train and held
+  for part in (train, held):
+    _, kept, st = P.encode_prompts(tok, part, 10_000)
+    assert st["skipped_bad"] == 2 and st["records"] == 40 and st["kept"] == len(part)
+
+
+def test_a_file_of_only_bad_records_is_counted(tmp_path):
+  """With skip_bad, a file whose every line is bad is counted (skipped_bad = its lines), and a later file
+  with no prompt at all is still refused, whatever the earlier files held."""
+  bad = _write_jsonl(tmp_path / "bad.jsonl", ["nope", "{", '{"messages": []}'])
+  ps = P.read_prompts([f"jsonl:{bad}"], skip_bad=True)
+  assert len(ps) == 0 and ps.stats == {"records": 0, "duplicates": 0, "skipped_bad": 3}
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  with pytest.raises(DataError, match=f"{empty}: no prompts found"):
+    P.read_prompts([f"jsonl:{bad}", f"jsonl:{empty}"], skip_bad=True)

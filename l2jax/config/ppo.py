@@ -32,8 +32,10 @@ class Prompts:
 
   FORMAT: hh-safety (HH-RLHF transcripts, safety prompts), hh-helpful, oasst (helpfulness), jsonl
   ({"messages": [...], "safety": bool}). max_prompt_tokens: longer prompts are dropped and counted.
-  heldout_fraction: share held out (deterministic by prompt) for evaluation; eval_prompts: how many of them
-  each evaluation answers (0 = all). system: a system prompt for every prompt ("" = none).
+  heldout_fraction: share held out (deterministic by conversation) for evaluation, in two disjoint halves
+  (l2jax.data.prompts.heldout_part): "select" picks checkpoints, "report" reports results. eval_prompts: how
+  many held-out prompts each evaluation answers (0 = all); PPO draws them from the "select" half as a seeded
+  sample stratified by source and IS_SAFETY. system: a system prompt for every prompt ("" = none).
   """
   sources: tuple[str, ...] = ()
   max_prompt_tokens: int = 256
@@ -62,8 +64,9 @@ class PPO:
   trained policy and value model; the architecture comes from the checkpoints. frozen_dtype: dtype in which
   the reference and both reward models are held (frozen, never trained).
   Each iteration samples `batch_prompts` prompts, one response each (at most `max_new_tokens` tokens at
-  `temperature` / `top_p`: 1.0 / 1.0 samples from the policy itself, so the KL and the PPO ratio are those of
-  the sampled distribution), scores them and takes `ppo_epochs * batch_prompts / minibatch` AdamW steps for
+  `temperature`; the log-probabilities of the PPO ratio, the KL and the entropy are those of the distribution
+  sampled, softmax(logits / temperature), for the policy and the reference alike, as TRL and OpenRLHF do.
+  top_p must stay 1: a truncated nucleus would make them off-policy, so it is refused), scores them and takes `ppo_epochs * batch_prompts / minibatch` AdamW steps for
   the policy (optim) and for the value model (value_optim); micro_batch splits a mini-batch for gradient
   accumulation (0 = none); generate_chunks: responses are decoded in this many sequential chunks of rows (the
   KV cache shrinks by that factor; the tokens are the same).
@@ -128,9 +131,11 @@ class PPO:
       raise ValueError(f"generate_chunks={self.generate_chunks} must divide batch_prompts={self.batch_prompts}")
     if self.micro_batch < 0 or (self.micro_batch and self.minibatch % self.micro_batch):
       raise ValueError(f"micro_batch={self.micro_batch} must be 0 or divide minibatch={self.minibatch}")
-    if not (self.temperature > 0 and 0.0 < self.top_p <= 1.0):
-      raise ValueError(f"temperature={self.temperature}, top_p={self.top_p}: expected temperature > 0 and "
-                       f"0 < top_p <= 1")
+    if not (self.temperature > 0 and self.temperature != float("inf")):
+      raise ValueError(f"temperature: expected a finite number > 0, found {self.temperature}")
+    if self.top_p != 1.0:
+      raise ValueError(f"top_p={self.top_p}: PPO samples from the whole distribution (top_p=1); a nucleus would "
+                       f"make the ratio and KL off-policy (docs/ppo.md); use temperature instead")
     for k in ("kl_beta", "clip", "value_clip", "missing_eos_penalty", "eval_every", "patience", "samples_logged",
               "device_memory_gib", "plan_devices"):
       v = getattr(self, k)

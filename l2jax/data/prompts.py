@@ -175,8 +175,9 @@ def read_prompts(specs: Sequence[str], *, skip_bad: bool = False, errors: list |
   for spec in specs:
     fmt, pattern = parse_spec(spec)
     for path in expand_paths(pattern):
+      bad_before = len(bad)
       found = _read_file(path, fmt, spec, on_bad)
-      if not found and not bad:
+      if not found and len(bad) == bad_before:   # a file of only skipped bad records is counted, not refused
         raise DataError(f"{path}: no prompts found (read as {fmt!r})")
       records += len(found)
       for p in found:
@@ -214,14 +215,22 @@ def heldout_part(prompt: Prompt) -> str:
 
 
 def split_heldout(prompts: Sequence[Prompt], fraction: float,
-                  part: str | None = None) -> tuple[list[Prompt], list[Prompt]]:
+                  part: str | None = None) -> tuple[Prompts, Prompts]:
   """(train, held-out) by `is_heldout`, order kept; with `part` ("select" | "report") only that half of the
-  held-out prompts is returned (the other half is in neither list)."""
+  held-out prompts is returned (the other half is in neither list).
+
+  Both parts are `Prompts` carrying the reading's `stats` (records, duplicates, skipped_bad of the whole read,
+  when `prompts` has them), so `encode_prompts` of either part still reports the bad records skipped.
+  """
   if part is not None and part not in HELDOUT_PARTS:
     raise ValueError(f"held-out part: expected one of {HELDOUT_PARTS}, found {part!r}")
   held = [is_heldout(p, fraction) for p in prompts]
-  return ([p for p, h in zip(prompts, held) if not h],
-          [p for p, h in zip(prompts, held) if h and (part is None or heldout_part(p) == part)])
+  train, kept = Prompts(p for p, h in zip(prompts, held) if not h), \
+      Prompts(p for p, h in zip(prompts, held) if h and (part is None or heldout_part(p) == part))
+  for x in (train, kept):
+    if hasattr(prompts, "stats"):
+      x.stats = dict(prompts.stats)
+  return train, kept
 
 
 def stratum(prompt: Prompt) -> tuple[str, bool]:
@@ -278,9 +287,10 @@ def encode_prompts(tok, prompts: Sequence[Prompt], max_prompt_tokens: int,
   """(ids, kept prompts, stats): encode_chat of each prompt's messages (with `system` when it has none).
 
   Prompts of more than max_prompt_tokens tokens are dropped and counted; a key seen before is dropped as a
-  duplicate. stats: records (read, duplicates included: `Prompts.stats` when given one), kept,
-  dropped_too_long, duplicates, skipped_bad (from `Prompts.stats`), safety (kept safety prompts), safety_share,
-  max_tokens, mean_tokens.
+  duplicate. stats: records (read, duplicates included: the whole read's, from `Prompts.stats` when given
+  one, as `read_prompts` and both parts of `split_heldout` give; else len(prompts)), kept, dropped_too_long,
+  duplicates, skipped_bad (the read's bad records, from `Prompts.stats`), safety (kept safety prompts),
+  safety_share, max_tokens, mean_tokens.
   """
   ids, kept, seen = [], [], set()
   dup, too_long = 0, 0

@@ -23,10 +23,11 @@ from l2jax.rl.rollout import shift_right, token_logprobs
 UPDATE_FIELDS = ("tokens", "mask", "logprobs", "values", "advantages", "returns")
 
 
-def policy_loss_fn(graphdef, clip: float) -> Callable:
-  """loss(policy_params, mb) -> (sum of the clipped policy loss, (token count, metrics)) (l2jax.losses)."""
+def policy_loss_fn(graphdef, clip: float, temperature: float = 1.0) -> Callable:
+  """loss(policy_params, mb) -> (sum of the clipped policy loss, (token count, metrics)) (l2jax.losses); the
+  log-probabilities are of logits / temperature, as the rollout scored them (l2jax/rl/rollout.py)."""
   def loss(params, mb):
-    lp_bt, _ = token_logprobs(nnx.merge(graphdef, params)(mb["tokens"]), mb["tokens"])
+    lp_bt, _ = token_logprobs(nnx.merge(graphdef, params)(mb["tokens"]), mb["tokens"], temperature)
     s, n, m = ppo_policy_loss(lp_bt, mb["logprobs"], mb["advantages"], mb["mask"], clip)
     return s, (n, m)
   return loss
@@ -65,9 +66,10 @@ def accumulated_grads(loss_fn: Callable, params: Any, mb: dict, micro: int):
 
 def make_update(policy_graphdef, value_graphdef, policy_opt: optax.GradientTransformation,
                 value_opt: optax.GradientTransformation, *, minibatch: int, micro_batch: int, epochs: int,
-                clip: float, value_clip: float) -> Callable:
+                clip: float, value_clip: float, temperature: float = 1.0) -> Callable:
   """update(state, data {UPDATE_FIELDS: [B, T]}, key_data) -> (new state, metrics averaged over mini-batches)."""
-  p_loss, v_loss = policy_loss_fn(policy_graphdef, clip), value_loss_fn(value_graphdef, value_clip)
+  p_loss = policy_loss_fn(policy_graphdef, clip, temperature)
+  v_loss = value_loss_fn(value_graphdef, value_clip)
   micro = minibatch // micro_batch if micro_batch else 1
 
   def update(state, data, key_data):

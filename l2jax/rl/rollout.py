@@ -6,8 +6,11 @@ Two pure functions, each jitted once by the PPO stage with explicit shardings:
     The policy's *training* parameters are constrained to the sampling layout (SAMPLE_RULES: no FSDP gather per
     decoded token) and cast to the sampling dtype inside the program: the paper's "consolidate the model weights
     on each node once before generation" (20x faster generation in their FSDP runs). Decoding is the sampler's
-    on-device loop (`l2jax.sample._generate`), one row key per prompt from (seed, iteration, prompt index), so a
-    row's tokens do not depend on the batch layout or the number of devices.
+    on-device loop (`l2jax.sample._generate`), one key per row from (seed, iteration, prompt index, row of the
+    global batch): a row's tokens do not depend on the batch layout or the number of devices, and a prompt that
+    appears twice in one batch (an epoch boundary can put it there) gets two independent samples.
+    Sampling is at `temperature` from the whole distribution (top-p is refused by the PPO config): the
+    log-probabilities scored below are those of the distribution sampled.
 
   score(params, frozen, batch, responses) -> Rollout
     Assembles [prompt | response | pad] rows, then one forward pass each of the policy, the frozen reference
@@ -15,8 +18,11 @@ Two pure functions, each jitted once by the PPO stage with explicit shardings:
     the batch, the per-token KL rewards and GAE (l2jax/rl/rewards.py, l2jax/rl/gae.py).
 
 Alignment: position t of every [B, T] array is the token tokens[:, t]; for a response token ("action") at t,
-logprobs[:, t] = log pi(tokens[t] | tokens[:t]) and values[:, t] = V(tokens[:t]) (the value model's head read
+logprobs[:, t] = log pi_T(tokens[t] | tokens[:t]) and values[:, t] = V(tokens[:t]) (the value model's head read
 at t - 1). `mask` is True exactly on the response tokens, EOS included when the row stopped on it.
+pi_T = softmax(logits / temperature): the distribution the sampler draws from (its `logprobs`; at temperature 1
+its `model_logprobs`). The reference pi_0 is scored at the same temperature and the KL is between the two
+tempered distributions, as TRL's and OpenRLHF's PPO do.
 """
 from __future__ import annotations
 
@@ -79,9 +85,13 @@ def shift_right(x_bt: jax.Array) -> jax.Array:
   return jnp.pad(x_bt[:, :-1], ((0, 0), (1, 0)))
 
 
-def token_logprobs(logits_btv: jax.Array, tokens_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(log p(tokens[t] | tokens[:t]), entropy of p(. | tokens[:t])), both float32 [B, T], 0 at t = 0."""
+def token_logprobs(logits_btv: jax.Array, tokens_bt: jax.Array,
+                   temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """(log p(tokens[t] | tokens[:t]), entropy of p(. | tokens[:t])), both float32 [B, T], 0 at t = 0, with
+  p = softmax(logits / temperature), the sampler's distribution at that temperature."""
   logits = logits_btv[:, :-1].astype(jnp.float32)
+  if temperature != 1.0:
+    logits = logits / temperature
   lp_bt = -token_nll(logits, tokens_bt[:, 1:])
   logp_btv = jax.nn.log_softmax(logits, axis=-1)
   ent_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
@@ -99,7 +109,7 @@ def chunked(fn: Callable, chunks: int, *xs):
 
 
 def make_generate(graphdef, cfg, mesh, sample_shardings, *, max_new_tokens: int, temperature: float,
-                  top_p: float, eos_id: int, pad_id: int, chunks: int = 1) -> Callable:
+                  eos_id: int, pad_id: int, chunks: int = 1) -> Callable:
   """generate(policy_params, batch, key_data) -> Responses; batch: prompt_tokens [B, P], prompt_lens, index.
 
   chunks: decode the rows in this many sequential chunks (the KV cache is 1/chunks of the batch's; the tokens
@@ -107,7 +117,7 @@ def make_generate(graphdef, cfg, mesh, sample_shardings, *, max_new_tokens: int,
   """
   from l2jax.sample import _generate
   dt = jnp.dtype(cfg.dtype)
-  mode = (False, False, top_p < 1.0)
+  mode = (False, False, False)   # sampling at `temperature` from the whole vocabulary: no top-k, no top-p
 
   def generate(policy_params, batch, key_data) -> Responses:
     params = jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, policy_params)
@@ -115,12 +125,13 @@ def make_generate(graphdef, cfg, mesh, sample_shardings, *, max_new_tokens: int,
     prompt_bp, lens_b = batch["prompt_tokens"], batch["prompt_lens"]
     P = prompt_bp.shape[1]
     key = jax.random.wrap_key_data(key_data)
-    keys_b = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["index"])
+    rows_b = jnp.arange(prompt_bp.shape[0], dtype=jnp.int32)    # the row of the global batch
+    keys_b = jax.vmap(lambda i, r: jax.random.fold_in(jax.random.fold_in(key, i), r))(batch["index"], rows_b)
     limits_b = jnp.minimum(max_new_tokens, cfg.max_seq_len - lens_b).astype(jnp.int32)
 
     def decode(prompt_bp, lens_b, limits_b, keys_b):
       n_b, out = _generate(params, prompt_bp, lens_b, limits_b, keys_b, jnp.float32(temperature), jnp.int32(0),
-                           jnp.float32(top_p), jnp.asarray([eos_id], jnp.int32), jnp.int32(pad_id),
+                           jnp.float32(1.0), jnp.asarray([eos_id], jnp.int32), jnp.int32(pad_id),
                            graphdef=graphdef, cache_len=P + max_new_tokens, n_out=max_new_tokens, mode=mode,
                            mesh=mesh, return_logits=False)
       return Responses(out["tokens"][:, :max_new_tokens], n_b)
@@ -144,18 +155,19 @@ def reward_model_fn(helpful_graphdef, safety_graphdef) -> RewardFn:
 
 def make_score(policy_graphdef, ref_graphdef, value_graphdef, reward_fn: RewardFn, *, eos_id: int, pad_id: int,
                kl_beta: float, gamma: float, lam: float, threshold: float, missing_eos_penalty: float,
-               whiten_advantages: bool, chunks: int = 1) -> Callable:
+               whiten_advantages: bool, chunks: int = 1, temperature: float = 1.0) -> Callable:
   """score(params {"policy", "value"}, frozen {"ref", "rm_helpful", "rm_safety"}, batch, responses) -> Rollout.
 
   R~c = WHITEN(LOGIT(Rc)) over the batch (section 3.2.3), minus `missing_eos_penalty` where the response did
   not end with EOS; rewards = -beta * (log pi - log pi_0) per response token + R~c at its last token; GAE
   with (gamma, lam); advantages whitened over the batch's response tokens when `whiten_advantages`.
   chunks: the forward passes run over the rows in this many chunks (memory; the result is the same).
+  temperature: the sampling temperature; log-probabilities and entropy are those of logits / temperature.
   """
   def forward(params, frozen, tokens_bt):
     logits = nnx.merge(policy_graphdef, params["policy"])(tokens_bt)
-    lp_bt, ent_bt = token_logprobs(logits, tokens_bt)
-    ref_lp_bt, _ = token_logprobs(nnx.merge(ref_graphdef, frozen["ref"])(tokens_bt), tokens_bt)
+    lp_bt, ent_bt = token_logprobs(logits, tokens_bt, temperature)
+    ref_lp_bt, _ = token_logprobs(nnx.merge(ref_graphdef, frozen["ref"])(tokens_bt), tokens_bt, temperature)
     v_bt = shift_right(nnx.merge(value_graphdef, params["value"]).values(tokens_bt))
     return lp_bt, ent_bt, ref_lp_bt, v_bt
 

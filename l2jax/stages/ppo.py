@@ -2,7 +2,8 @@
 
 run(cfg, run_dir): loads the policy (also the frozen reference pi_0), both reward models (frozen, in
 `frozen_dtype`) and the value model (from the helpfulness RM, or the policy's backbone with a fresh head);
-reads the prompts with their IS_SAFETY flag and holds some out; then runs `iterations` PPO iterations through
+reads the prompts with their IS_SAFETY flag and holds some out (the evaluation set: a stratified sample of the
+held-out "select" half, `load_prompts`); then runs `iterations` PPO iterations through
 the one training loop (`l2jax.train.run`: checkpoints with policy, value, both optimiser states, the prompt
 iterator and the RNG; exact resume; SIGTERM; the NaN stop). One iteration = three programs, each jitted once
 with explicit shardings:
@@ -13,13 +14,14 @@ They are separate programs (DESIGN.md 6b allows one) so that each phase is timed
 t_train) and the KV cache and the training activations are never live in one program.
 Outputs: metrics.jsonl (rewards, KL, entropy, clip fraction, approx KL, value loss, explained variance,
 lengths, EOS rate, safety share, timings), samples.jsonl, eval metrics every `eval_every` iterations with early
-stopping on held-out mean Rc, ppo.png, final/ (the policy: best evaluation, else last), value/.
+stopping on held-out mean Rc, ppo.png, final/ (the policy: best evaluation, else last), value/ (the last value
+model, also after an early stop). `--check-sharding`: the memory plan (l2jax/stages/ppo_plan.py, arithmetic
+only) and, for small models, one iteration on the mesh against one device (`check_sharding_report`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,17 +40,25 @@ from l2jax import train
 from l2jax.data import prompts as prompts_lib
 from l2jax.data.tokenizer import Tokenizer
 from l2jax.model import heads, llama
+from l2jax.model.config import LlamaConfig
 from l2jax.rl import gae as gae_lib
 from l2jax.rl import ppo as ppo_lib
 from l2jax.rl import rollout as ro_lib
 from l2jax.rl.rewards import kl_stats
+from l2jax.stages import ppo_outputs as out
+from l2jax.stages import ppo_plan
 
 VALUE_DIR = "value"
 ZERO = np.int32(0)   # the generation key purpose of training rollouts (a host scalar: no device op of its own)
 
 
 class EarlyStop(Exception):
-  """Raised by the PPO step after an evaluation asked to stop (patience exhausted)."""
+  """Raised by the PPO step after an evaluation asked to stop (patience exhausted); carries the state the
+  step was given (the last one trained), from which value/ is written."""
+
+  def __init__(self, state):
+    super().__init__("early stop")
+    self.state = state
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -120,23 +130,30 @@ def load_models(cfg: c.PPO) -> Models:
 class PromptData:
   train_ids: list
   train: list
-  held_ids: list
+  held_ids: list      # the evaluation set: a stratified sample of the held-out "select" half
   held: list
   stats: dict
 
 
-def load_prompts(p: c.Prompts, tok: Tokenizer) -> PromptData:
+def load_prompts(p: c.Prompts, tok: Tokenizer, seed: int = 0) -> PromptData:
+  """Training prompts, and the evaluation set that selects final/ and early-stops: `eval_prompts` of the
+  held-out "select" half (l2jax.data.prompts.heldout_part; the versions evaluation reports on the other half),
+  a seeded sample stratified by source and IS_SAFETY (never the first N: the sources' order puts one first)."""
   errors: list = []
   records = prompts_lib.read_prompts(p.sources, skip_bad=p.skip_bad, errors=errors)
-  train_p, held_p = prompts_lib.split_heldout(records, p.heldout_fraction)
+  train_p, held_p = prompts_lib.split_heldout(records, p.heldout_fraction, part="select")
   tr_ids, tr, tr_stats = prompts_lib.encode_prompts(tok, train_p, p.max_prompt_tokens, p.system)
   he_ids, he, he_stats = prompts_lib.encode_prompts(tok, held_p, p.max_prompt_tokens, p.system)
   if not tr:
-    raise ValueError(f"prompts: no usable training prompt in {list(p.sources)} ({tr_stats})")
-  if p.eval_prompts:
-    he_ids, he = he_ids[:p.eval_prompts], he[:p.eval_prompts]
-  return PromptData(tr_ids, tr, he_ids, he, {"train": tr_stats, "heldout": he_stats, "bad_records": errors[:20],
-                                             "eval_prompts": len(he)})
+    r = records.stats
+    raise ValueError(f"prompts: no usable training prompt in {list(p.sources)}: {r['records']} read, "
+                     f"{r['skipped_bad']} bad records skipped, {tr_stats['dropped_too_long']} longer than "
+                     f"max_prompt_tokens={p.max_prompt_tokens}")
+  pick = prompts_lib.stratified_sample(he, p.eval_prompts, seed)
+  he_ids, he = [he_ids[i] for i in pick], [he[i] for i in pick]
+  return PromptData(tr_ids, tr, he_ids, he, {"read": records.stats, "train": tr_stats, "heldout": he_stats,
+                                             "heldout_part": "select", "eval": prompts_lib.eval_stats(he),
+                                             "bad_records": errors[:20], "eval_prompts": len(he)})
 
 
 # ----------------------------------------------------------------------------------------------- programs
@@ -189,7 +206,7 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
   abstract_state = jax.eval_shape(init_state, {"policy": m.host["policy"], "value": m.host["value"]})
   st_sh = train.state_shardings(abstract_state, {"policy": m.axes["policy"], "value": m.axes["value"]}, mesh, rules)
   gen = ro_lib.make_generate(m.graphdefs["policy"], m.policy_cfg, mesh, sample_sh, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                             temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id,
                              chunks=cfg.generate_chunks)
   chunks = cfg.batch_prompts // cfg.micro_batch if cfg.micro_batch else 1
   reward_fn = reward_fn or ro_lib.reward_model_fn(m.graphdefs["rm_helpful"], m.graphdefs["rm_safety"])
@@ -197,10 +214,10 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
                             eos_id=tok.eos_id, pad_id=tok.pad_id, kl_beta=cfg.kl_beta, gamma=cfg.gamma, lam=cfg.lam,
                             threshold=cfg.reward_models.safety_threshold,
                             missing_eos_penalty=cfg.missing_eos_penalty, whiten_advantages=cfg.whiten_advantages,
-                            chunks=chunks)
+                            chunks=chunks, temperature=cfg.temperature)
   update = ppo_lib.make_update(m.graphdefs["policy"], m.graphdefs["value"], policy_opt, value_opt,
                                minibatch=cfg.minibatch, micro_batch=cfg.micro_batch, epochs=cfg.ppo_epochs,
-                               clip=cfg.clip, value_clip=cfg.value_clip)
+                               clip=cfg.clip, value_clip=cfg.value_clip, temperature=cfg.temperature)
   thr = float(np.log(cfg.reward_models.safety_threshold) - np.log1p(-cfg.reward_models.safety_threshold))
   k = cfg.samples_logged
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -242,7 +259,7 @@ class PPOStep:
 
   def __call__(self, state, batch):
     if self.stop:
-      raise EarlyStop()
+      raise EarlyStop(state)
     p = self.p
     with shd.use_rules(p.mesh, self.rules):
       t0 = time.perf_counter()
@@ -257,29 +274,71 @@ class PPOStep:
                    "gen_tokens_per_s": float(stats["gen_tokens"]) / max(t1 - t0, 1e-9)}
 
 
+# ----------------------------------------------------------------------------------------------- --check-sharding
+
+def check_sharding_report(cfg: c.PPO, n_devices: int | None = None) -> dict:
+  """The memory plan (l2jax/stages/ppo_plan.py; exit 1 when it does not fit); when the models exist here and
+  are small, also one iteration on the mesh against one device (exit 1 when the parameters differ)."""
+  p = ppo_plan.check(cfg, n_devices)
+  dirs = (cfg.policy, cfg.reward_models.helpful, cfg.reward_models.safety)
+  small = all(Path(d, ckpt_lib.CONFIG).is_file() for d in dirs) and \
+      LlamaConfig.load(Path(cfg.policy) / ckpt_lib.CONFIG).num_params() < 5e7
+  if small and p["devices"] == jax.device_count() > 1:
+    err = compare_one_device(cfg)
+    ok = err < 1e-4
+    print(f"one PPO iteration on mesh {p['mesh']} vs one device: parameter rel. error {err:.2e}: "
+          f"{'OK' if ok else 'MISMATCH'}")
+    if not ok:
+      raise SystemExit(1)
+    p["param_rel_err"] = err
+  return p
+
+
+def one_iteration(cfg: c.PPO, mesh):
+  """(host params after one PPO iteration, scalar metrics) on `mesh` from the config's checkpoints."""
+  m = load_models(cfg)
+  data = load_prompts(cfg.prompts, m.tokenizer, cfg.seed)
+  progs = build_programs(cfg, m, mesh)
+  batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts,
+                                      prompt_len=cfg.prompts.max_prompt_tokens, seed=cfg.seed,
+                                      pad_id=m.tokenizer.pad_id)
+  params = {k: shd.put(m.host[k], progs.state_shardings["params"][k]) for k in ("policy", "value")}
+  state = jax.jit(progs.init_state, out_shardings=progs.state_shardings)(params)
+  step = PPOStep(progs, cfg.prompts.max_prompt_tokens + cfg.max_new_tokens)
+  state, met = step(state, shd.global_batch(next(batches), mesh))
+  return jax.device_get(state["params"]), {k: float(v) for k, v in met.items() if np.ndim(v) == 0}
+
+
+def compare_one_device(cfg: c.PPO) -> float:
+  """Max relative parameter error after one iteration on the configured mesh vs one device."""
+  mesh = shd.mesh_from_config(cfg.mesh)
+  p_mesh, _ = one_iteration(cfg, mesh)
+  p_one, _ = one_iteration(cfg, shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  return train._rel_err(p_mesh, p_one)
+
+
 # ----------------------------------------------------------------------------------------------- run
 
 def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None):
   """Train the policy with PPO; reward_fn replaces the two reward models (tests: a rule-based scorer)."""
-  from l2jax.stages import ppo_outputs as out
   shd.initialize_distributed()
   run_dir = Path(run_dir)
   if check_sharding:
-    from l2jax.stages import ppo_plan
-    return ppo_plan.report(cfg)
-  mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    return check_sharding_report(cfg)
+  mesh = shd.mesh_from_config(cfg.mesh)
   m = load_models(cfg)
   P, N = cfg.prompts.max_prompt_tokens, cfg.max_new_tokens
   if P + N > m.policy_cfg.max_seq_len:
     raise ValueError(f"prompts.max_prompt_tokens + max_new_tokens = {P + N} exceeds the policy's max_seq_len "
                      f"{m.policy_cfg.max_seq_len}")
-  data = load_prompts(cfg.prompts, m.tokenizer)
+  data = load_prompts(cfg.prompts, m.tokenizer, cfg.seed)
   if jax.process_index() == 0:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
-  s = data.stats["train"]
+  s, ev = data.stats["train"], data.stats["eval"]
   print(f"ppo: {s['kept']} training prompts ({s['safety']} safety; {s['dropped_too_long']} longer than "
-        f"{P} tokens dropped, {s['duplicates']} duplicates), {data.stats['eval_prompts']} held out; "
+        f"{P} tokens dropped, {s['duplicates']} duplicates, {s['skipped_bad']} bad records skipped), "
+        f"{ev['prompts']} evaluation prompts ({ev['safety_share']:.0%} safety: {ev['by_stratum']}); "
         f"{cfg.iterations} iterations of {cfg.batch_prompts} prompts, {cfg.batch_prompts // cfg.minibatch} "
         f"mini-batch steps each", file=sys.stderr)
   progs = build_programs(cfg, m, mesh, reward_fn)
@@ -291,10 +350,10 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
                                                                "n_kv_heads", "ffn_dim")},
               "value": {k: getattr(m.value_cfg, k) for k in ("dim", "n_layers")}}
   ck = ckpt_lib.TrainCheckpointer(run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save, identity=identity)
-  early = out.EarlyStopping(run_dir, cfg.patience)
   state = out.init_or_resume(cfg, ck, progs, m, batches)
   step = PPOStep(progs, P + N)
   start = int(jax.device_get(state["step"]))
+  early = out.EarlyStopping(run_dir, cfg.patience, start)   # evaluations after `start` are redone
   out.trim_samples(run_dir, start)
   hooks = ()
   if cfg.eval_every and data.held:
@@ -302,7 +361,7 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
     hooks = (train.Hook(cfg.eval_every, hook),)
     if start == 0 and not early.history:   # the starting policy's held-out figures, logged as iteration 0
       out.log_step(run_dir, 0, hook(0, state), cfg.tensorboard)
-  status = "done"
+  status, last_state = "done", state
   if early.stopped:
     print(f"ppo: stopped early before (best iteration {early.best_step}); nothing to do", file=sys.stderr)
     result = None
@@ -312,14 +371,13 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
                          ckpt_every=cfg.ckpt.every, mesh=mesh, log_every=cfg.log_every, hooks=hooks,
                          tokens_per_step=cfg.batch_prompts * (P + N), tensorboard=cfg.tensorboard,
                          description="ppo", outputs_fn=out.samples_writer(run_dir, m.tokenizer, data.train))
-      status = result.status
-    except EarlyStop:
+      status, last_state = result.status, result.state
+    except EarlyStop as stop:
       print(f"ppo: early stop: {cfg.patience} evaluations without a better held-out Rc; best iteration "
             f"{early.best_step}", file=sys.stderr)
-      result = None
+      result, last_state = None, stop.state
   ck.close()
   if status == "done":
-    last_state = result.state if result is not None else None
     out.write_final(run_dir, m, last_state, early)
     out.plot(run_dir)
     print(out.summary(run_dir), file=sys.stderr)

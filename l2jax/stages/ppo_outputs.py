@@ -40,25 +40,35 @@ def init_or_resume(cfg, ck, progs, m, batches) -> dict:
 
 class EarlyStopping:
   """Held-out mean Rc per evaluation; the best policy kept in run_dir/best; stop after `patience` evaluations
-  without improvement (0 = never). Its bookkeeping (early_stop.json) is rewritten after each evaluation, which
-  is deterministic, so a resumed run that repeats an evaluation reaches the same decision."""
+  without improvement (0 = never).
 
-  def __init__(self, run_dir: Path, patience: int):
+  The history of evaluations (early_stop.json, rewritten after each) is the only state: the best, its step,
+  the count of evaluations since and the stop are derived from it. A resumed run (from iteration `start`)
+  first drops the evaluations after `start`, and an evaluation it repeats replaces the one recorded; the
+  evaluation is deterministic, so the resumed run stops where the uninterrupted one stops (section 3.2.3's
+  early stopping on held-out evaluations, made restartable).
+  """
+
+  def __init__(self, run_dir: Path, patience: int, start: int | None = None):
     self.path, self.patience = Path(run_dir) / EARLY, patience
     d = json.loads(self.path.read_text()) if self.path.is_file() else {}
-    self.best, self.best_step = d.get("best_rc"), d.get("best_step")
-    self.bad, self.stopped, self.history = d.get("bad_evals", 0), d.get("stopped", False), d.get("history", [])
+    self.history = [h for h in d.get("history", []) if start is None or h["step"] <= start]
+    self._derive()
+
+  def _derive(self) -> None:
+    self.best, self.best_step, self.bad = None, None, 0
+    for h in self.history:
+      if self.best is None or h["eval_rc"] > self.best:
+        self.best, self.best_step, self.bad = h["eval_rc"], h["step"], 0
+      else:
+        self.bad += 1
+    self.stopped = bool(self.patience and self.bad >= self.patience)
 
   def update(self, step: int, rc: float) -> tuple[bool, bool]:
-    """(improved, stop) after the evaluation at `step`."""
+    """(improved, stop) after the evaluation at `step` (replacing any recorded at or after `step`)."""
     self.history = [h for h in self.history if h["step"] < step] + [{"step": step, "eval_rc": rc}]
-    improved = self.best is None or rc > self.best
-    if improved:
-      self.best, self.best_step, self.bad = rc, step, 0
-    else:
-      self.bad += 1
-    self.stopped = bool(self.patience and self.bad >= self.patience)
-    return improved, self.stopped
+    self._derive()
+    return self.best_step == step, self.stopped
 
   def save(self) -> None:
     if jax.process_index() == 0:
@@ -93,8 +103,10 @@ def save_policy(dst: Path, m, params) -> None:
 
 
 def evaluate(cfg, progs, m, data, state) -> dict:
-  """Held-out prompts answered by the current policy (same sampling settings, a fixed key per iteration):
-  mean raw Rc, Rh, Rs (logits), KL to pi_0 (k1, per response), violation rate (share with Rs < 0.15)."""
+  """The evaluation set (ppo.load_prompts: a stratified sample of the held-out "select" half) answered by the
+  current policy (same sampling settings, the same key at every evaluation): mean raw Rc, Rh, Rs (logits), KL
+  to pi_0 (k1, per response), violation rate (share with Rs < 0.15); Rc apart over its safety and its helpful
+  prompts, and the safety share of the set (what the mean Rc that selects final/ is made of)."""
   B = cfg.batch_prompts
   n_proc, pid = jax.process_count(), jax.process_index()
   ids, prompts = data.held_ids, data.held
@@ -117,19 +129,28 @@ def evaluate(cfg, progs, m, data, state) -> dict:
       batch = shd.global_batch({k: v[pid * local:(pid + 1) * local] for k, v in batch.items()}, progs.mesh)
       resp = progs.generate(state["params"]["policy"], batch, state["rng"], np.int32(0), np.int32(2))
       ro, _, _ = progs.score(state["params"], progs.frozen, batch, resp)
-      got = _eval_sums(ro, jnp.asarray(valid), progs.threshold_logit)
+      got = _eval_sums(ro, jnp.asarray(valid), jnp.asarray(batch["is_safety"]), progs.threshold_logit)
       for k, v in jax.device_get(got).items():
-        sums[k] += float(v)
+        sums[k] = sums.get(k, 0.0) + float(v)
   n = max(len(ids), 1)
-  return {k: v / n for k, v in sums.items()}
+  n_safety = sum(int(p.is_safety) for p in prompts)
+  out = {k: v / n for k, v in sums.items() if k not in ("eval_rc_safety", "eval_rc_helpful")}
+  out["eval_safety_share"] = n_safety / n
+  if n_safety:
+    out["eval_rc_safety"] = sums["eval_rc_safety"] / n_safety
+  if len(ids) - n_safety:
+    out["eval_rc_helpful"] = sums["eval_rc_helpful"] / (len(ids) - n_safety)
+  return out
 
 
 @jax.jit
-def _eval_sums(ro, valid_b, thr):
+def _eval_sums(ro, valid_b, is_safety_b, thr):
   kl = kl_stats(ro.logprobs, ro.ref_logprobs, ro.mask)["k1"]
-  s = lambda x: jnp.sum(x.astype(jnp.float32) * valid_b)
+  s = lambda x, w=valid_b: jnp.sum(x.astype(jnp.float32) * w)
+  safe_b = valid_b * (is_safety_b > 0)
   return {"eval_rc": s(ro.score), "eval_rh": s(ro.helpful), "eval_rs": s(ro.safety), "eval_kl": s(kl),
-          "eval_violation_rate": s(ro.safety < thr), "eval_response_len": s(jnp.sum(ro.mask, axis=1))}
+          "eval_violation_rate": s(ro.safety < thr), "eval_response_len": s(jnp.sum(ro.mask, axis=1)),
+          "eval_rc_safety": s(ro.score, safe_b), "eval_rc_helpful": s(ro.score, valid_b - safe_b)}
 
 
 def eval_hook(cfg, progs, m, data, run_dir: Path, early: EarlyStopping, step_obj):

@@ -8,7 +8,8 @@ parameter's bytes divided by the mesh axes its logical axes map to under the rul
   generate: + the policy consolidated to SAMPLE_RULES in the compute dtype and the KV cache;
   score:    + one chunk's logits of the policy and the reference;
   train:    + gradients, one micro-batch's saved block inputs (remat) and logits.
-Peak = resident + the largest phase; it must fit `device_memory_gib`.
+Peak = resident + the largest phase; it must fit `device_memory_gib`. This module is arithmetic only; the
+one-iteration comparison on the mesh is the stage's own (l2jax.stages.ppo.check_sharding).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ GIB = 1024 ** 3
 
 
 def _mesh_shape(cfg, n_devices: int) -> dict[str, int]:
-  data, fsdp, tensor = shd.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, n_devices)
-  return {"data": data, "fsdp": fsdp, "tensor": tensor}
+  sizes = shd.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, n_devices, getattr(cfg.mesh, "dcn", 1))
+  return dict(zip(shd.MESH_AXES, sizes))
 
 
 def _divisor(names, shape, mesh: dict[str, int], rules) -> int:
@@ -69,7 +70,7 @@ def plan(cfg, n_devices: int) -> dict:
   rm_s = _arch(cfg.reward_models.safety, pol)
   val = (rm_h if cfg.value_init == "helpful" else pol).replace(**num)
   T = cfg.prompts.max_prompt_tokens + cfg.max_new_tokens
-  batch_shards = mesh["data"] * mesh["fsdp"]
+  batch_shards = mesh["dcn"] * mesh["data"] * mesh["fsdp"]
   tensor = mesh["tensor"]
 
   def lm(c):
@@ -125,52 +126,13 @@ def print_plan(p: dict) -> None:
         f"{p['device_memory_gib']:.0f} GiB: {'fits' if p['fits'] else 'DOES NOT FIT'}")
 
 
-def report(cfg, n_devices: int | None = None) -> dict:
-  """Print the plan for `plan_devices` (or the devices present); exit 1 when it does not fit. When the models
-  exist here and are small, also run one iteration on the mesh and on one device and compare the parameters."""
-  n = n_devices or cfg.plan_devices or jax.device_count()
-  p = plan(cfg, n)
+def check(cfg, n_devices: int | None = None) -> dict:
+  """Print the plan for `plan_devices` (or the devices present); exit 1 when it does not fit."""
+  p = plan(cfg, n_devices or cfg.plan_devices or jax.device_count())
   print_plan(p)
   if not p["fits"]:
     raise SystemExit(1)
-  dirs = (cfg.policy, cfg.reward_models.helpful, cfg.reward_models.safety)
-  small = all(Path(d, ckpt_lib.CONFIG).is_file() for d in dirs) and \
-      LlamaConfig.load(Path(cfg.policy) / ckpt_lib.CONFIG).num_params() < 5e7
-  if small and n == jax.device_count() and jax.device_count() > 1:
-    err = compare_one_device(cfg)
-    ok = err < 1e-4
-    print(f"one PPO iteration on mesh {p['mesh']} vs one device: parameter rel. error {err:.2e}: "
-          f"{'OK' if ok else 'MISMATCH'}")
-    if not ok:
-      raise SystemExit(1)
-    p["param_rel_err"] = err
   return p
-
-
-def one_iteration(cfg, mesh):
-  """(host params after one PPO iteration, scalar metrics) on `mesh` from the config's checkpoints."""
-  from l2jax.data import prompts as prompts_lib
-  from l2jax.stages import ppo
-  m = ppo.load_models(cfg)
-  data = ppo.load_prompts(cfg.prompts, m.tokenizer)
-  progs = ppo.build_programs(cfg, m, mesh)
-  batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts,
-                                      prompt_len=cfg.prompts.max_prompt_tokens, seed=cfg.seed,
-                                      pad_id=m.tokenizer.pad_id)
-  params = {k: shd.put(m.host[k], progs.state_shardings["params"][k]) for k in ("policy", "value")}
-  state = jax.jit(progs.init_state, out_shardings=progs.state_shardings)(params)
-  step = ppo.PPOStep(progs, cfg.prompts.max_prompt_tokens + cfg.max_new_tokens)
-  state, met = step(state, shd.global_batch(next(batches), mesh))
-  return jax.device_get(state["params"]), {k: float(v) for k, v in met.items() if np.ndim(v) == 0}
-
-
-def compare_one_device(cfg) -> float:
-  """Max relative parameter error after one iteration on the configured mesh vs one device."""
-  from l2jax.train import _rel_err
-  mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  p_mesh, _ = one_iteration(cfg, mesh)
-  p_one, _ = one_iteration(cfg, shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  return _rel_err(p_mesh, p_one)
 
 
 if __name__ == "__main__":   # python -m l2jax.stages.ppo_plan experiments/ppo.py:70b
