@@ -4,9 +4,9 @@ r"""Rejection-sampling fine-tuning with pooled best-of-K (Llama 2, section 3.2.3
   python -m l2jax.launch experiments/rejection.py:70b    # the 70B samples (K=10, T=1.2) and fine-tunes itself
   python -m l2jax.launch experiments/rejection.py:7b     # 7B / 13B distil the 70B's pool (no sampling)
   python -m l2jax.launch experiments/rejection.py:tiny --set mode=context_distillation --run-dir runs/cd-tiny
-  # the next iteration pools this one's best answers:
-  python -m l2jax.launch experiments/rejection.py:tiny --set iteration=2 \
-      --set pool=runs/rejection-tiny/pool.jsonl --set sampler=runs/rejection-tiny/final --run-dir runs/rejection-tiny-2
+  # the next iteration pools this one's best answers and samples at its Figure 8 best temperature:
+  python -m l2jax.launch experiments/rejection.py:tiny --set iteration=2 --set pool=runs/rejection-tiny/pool.jsonl \
+      --set sampler=runs/rejection-tiny/final --set temperature_from=runs/rejection-tiny --run-dir runs/rejection-tiny-2
 
 The paper gives neither K nor the fine-tuning settings: K = 10 (the low end of the "10-100 samples" of Figure 8)
 at T = 1.2 (the best range for RLHF models, [1.2, 1.3]), and the SFT settings of section 3.1 (lr 2e-5 cosine to 0,
@@ -16,7 +16,10 @@ PPO reads them (place the train splits under data/hh-rlhf/<subset>/train.jsonl.g
 `tiny` samples K=8 answers at T=1.2 from sft:tiny for 48 prompts of the shipped HH-RLHF test files and OASST, scores
 them with rm_helpful:tiny and rm_safety:tiny, fine-tunes sft:tiny on the pool for 2 epochs, answers 16 held-out
 prompts before and after, and writes Figure 7, Figure 8 (T = 0.8, 1.2, 1.6 on 12 prompts) and the held-out
-histogram. `test` is the same at the `test` sizes (a few prompts and steps; for CI).
+histogram. Cut-off and empty answers never enter the pool (docs/rejection.md): sft:tiny stops by EOS within 48
+tokens in about 1 sample of 4, so a few of the 48 prompts get no pool entry (counted in rejection.json["samples"]
+and summary.md). `test` is the same at the `test` sizes (a few prompts and steps; for CI); its 3-step sampler
+never stops within 8 tokens, so `test` sets keep_truncated=true to run the whole path.
 """
 from l2jax import config as c
 from l2jax.model import presets
@@ -39,7 +42,7 @@ def _small(size: str) -> c.Rejection:
       prompts=c.Prompts(sources=(HH_SAFETY, HH_HELPFUL, OASST), max_prompt_tokens=128 if tiny else 40,
                         heldout_fraction=0.1, eval_prompts=16 if tiny else 4, skip_bad=True),
       max_prompts=48 if tiny else 6, samples_per_prompt=8 if tiny else 4, temperature=1.2,
-      max_new_tokens=48 if tiny else 8, batch_prompts=8 if tiny else 3, score_batch=64,
+      max_new_tokens=48 if tiny else 8, keep_truncated=not tiny, batch_prompts=8 if tiny else 3, score_batch=64,
       temperatures=(0.8, 1.2, 1.6) if tiny else (0.8, 1.6), fig8_prompts=12 if tiny else 2, eval_temperature=1.0,
       model=presets.get("tiny" if tiny else "test"),
       optim=c.AdamW(lr=1e-3, warmup_steps=2, decay_to=0.1, weight_decay=0.1, clip=1.0),

@@ -3,10 +3,13 @@
 A reward-model directory (written by the reward stage) holds params/ ({"backbone": Llama params, "head":
 {"w": [dim], "b": []}}), config.json (the backbone's LlamaConfig), tokenizer.model and head.json. A
 (dialog, response) is scored exactly as in training: encode_chat(dialog) + the response's answer ids ending
-with EOS, and the head at that last token (l2jax.data.preferences.encode_responses).
+with EOS, and the head at that last token (l2jax.data.preferences.encode_responses). A response cut off by a
+token limit (finished=False) is scored as the unfinished answer it is, without EOS: appending one would score a
+mid-sentence stop as a complete answer (Llama 2 section 3.2.3, rejection sampling, scores only what was sampled).
 
   rm = l2jax.reward.load("runs/rm_helpful-tiny/final")
   rm.score([[{"role": "user", "content": "Hi"}], "Tell me a joke"], ["Hello!", "No."])   # float32 [2]
+  rm.score(["Tell me a joke"], ["Why did the"], finished=[False])                         # cut off: no EOS
 """
 from __future__ import annotations
 
@@ -72,10 +75,15 @@ class RewardModel:
     """float32 scores [B] of right-padded token rows (mask 1 on real tokens); jitted per shape."""
     return self._score(self.params, jnp.asarray(tokens_bt, jnp.int32), jnp.asarray(mask_bt, jnp.int32))
 
-  def encode(self, dialogs: Sequence[Dialog], responses: Sequence[str]) -> list[list[int]]:
-    """Token rows of each (dialog, response); a dialog is a user message string or a message list ending on user."""
+  def encode(self, dialogs: Sequence[Dialog], responses: Sequence[str],
+             finished: bool | Sequence[bool] = True) -> list[list[int]]:
+    """Token rows of each (dialog, response); a dialog is a user message string or a message list ending on user.
+    finished[i] False: response i was cut off by a token limit and is encoded without EOS."""
     if len(dialogs) != len(responses):
       raise ValueError(f"score: {len(dialogs)} dialogs but {len(responses)} responses")
+    done = [finished] * len(responses) if isinstance(finished, (bool, np.bool_)) else list(finished)
+    if len(done) != len(responses):
+      raise ValueError(f"score: {len(done)} finished flags for {len(responses)} responses")
     rows = []
     for i, (d, r) in enumerate(zip(dialogs, responses)):
       if not isinstance(r, str):
@@ -85,14 +93,16 @@ class RewardModel:
                          f"{type(d).__name__} {d!r:.40}")
       msgs = [{"role": "user", "content": d}] if isinstance(d, str) else list(d)
       try:
-        rows += encode_responses(self.tokenizer, msgs, [r], self.seq_len)
+        rows += encode_responses(self.tokenizer, msgs, [r], self.seq_len, finished=[bool(done[i])])
       except ValueError as e:
         raise ValueError(f"score: dialog {i}: {e}") from None
     return rows
 
-  def score(self, dialogs: Sequence[Dialog], responses: Sequence[str]) -> np.ndarray:
-    """float32 scores [B] of each response after its dialog, in batches of `batch_size` rows."""
-    rows = self.encode(dialogs, responses)
+  def score(self, dialogs: Sequence[Dialog], responses: Sequence[str],
+             finished: bool | Sequence[bool] = True) -> np.ndarray:
+    """float32 scores [B] of each response after its dialog, in batches of `batch_size` rows; a response with
+    finished False (cut off by max_new_tokens) is scored without EOS."""
+    rows = self.encode(dialogs, responses, finished)
     out = np.zeros((len(rows),), np.float32)
     for i in range(0, len(rows), self.batch_size):
       chunk = rows[i:i + self.batch_size]
@@ -109,3 +119,22 @@ def load(ckpt_dir: str | Path, *, batch_size: int = 8, seq_len: int | None = Non
   if not tok.is_file():
     raise FileNotFoundError(f"{ckpt_dir}: no {ckpt_lib.TOKENIZER}")
   return RewardModel(cfg, params, Tokenizer(tok), meta, batch_size=batch_size, seq_len=seq_len)
+
+
+class Scorer:
+  """Both reward models (Llama 2 section 3.2.2) and R_c (section 3.2.3, l2jax.rl.rewards.combine), for rejection
+  sampling: score(dialogs, texts, is_safety, finished) -> (helpful [B], safety [B], R_c [B]); a text with
+  finished False (cut off by max_new_tokens) is scored without EOS."""
+
+  def __init__(self, rms, batch_size: int):
+    """rms: config.RewardModels (helpful, safety, safety_threshold)."""
+    if not rms.helpful or not rms.safety:
+      raise ValueError("reward_models.helpful and reward_models.safety must both be set")
+    self.helpful = load(rms.helpful, batch_size=batch_size)
+    self.safety = load(rms.safety, batch_size=batch_size)
+    self.threshold = rms.safety_threshold
+
+  def score(self, dialogs, texts, is_safety, finished=True):
+    from l2jax.rl.rewards import combine
+    h, s = self.helpful.score(dialogs, texts, finished), self.safety.score(dialogs, texts, finished)
+    return h, s, np.asarray(combine(h, s, np.asarray(is_safety, bool), self.threshold))

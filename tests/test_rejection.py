@@ -1,6 +1,7 @@
-"""Rejection sampling (issue 11): best-of-K selection by R_c, the pool over iterations, answer-only fine-tuning rows,
-Figure 7 statistics against brute force, resumable sharded offline sampling, sharded == one device, the context
-distillation filter, and experiments/rejection.py:test through the launcher."""
+"""Rejection sampling (Llama 2 section 3.2.3): best-of-K selection by R_c, the pool over iterations, answer-only
+fine-tuning rows, Figure 7 statistics against brute force and hand values, resumable sharded offline sampling,
+sharded == one device, cut-off samples scored without EOS, rescore(), the context distillation filter (section
+4.2.4), and experiments/rejection.py:test through the launcher."""
 import itertools
 import json
 import os
@@ -63,7 +64,8 @@ def _pool_file(tmp_path, tok):
                                     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                                     {"role": "user", "content": "Name a colour."}],
            "is_safety": True, "iteration": 1, "sampler": "s", "temperature": 1.2}]
-  pool = [rj.pool_entry(r, t, 0.0, 0.0, 1.0) for r, t in zip(recs, ["Mix flour and water.", "Blue."])]
+  pool = [bon.pool_entry(r, {"text": t, "helpful": 0.0, "safety": 0.0}, 1.0)
+          for r, t in zip(recs, ["Mix flour and water.", "Blue."])]
   path = tmp_path / "pool.jsonl"
   offline.write_jsonl_atomic(path, pool)
   return path, pool
@@ -105,10 +107,20 @@ def test_figure7_statistics_match_brute_force_over_subsets():
     med = np.mean([[np.median(scores[p, list(s)]) for s in subsets] for p in range(5)])
     np.testing.assert_allclose(curves["max"][n - 1], mx, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(curves["median"][n - 1], med, rtol=1e-9, atol=1e-12)
-  assert np.all(np.diff(curves["max"]) >= -1e-12)
   np.testing.assert_allclose(curves["max"][0], scores.mean())                    # N = 1: the mean
   np.testing.assert_allclose(curves["max"][-1], scores.max(axis=1).mean())       # N = K: the max of all K
   np.testing.assert_allclose(curves["median"][-1], np.median(scores, axis=1).mean())
+
+
+def test_figure7_statistics_equal_hand_computed_values():
+  # one prompt, K = 4 sorted scores (0, 0, 1, 5); over the C(4, N) subsets:
+  #   max of 1 = 6/4; max of 2 = (0*1 + 1*2 + 5*3)/6 = 17/6; max of 3 = (1*1 + 5*3)/4 = 4; max of 4 = 5
+  #   median of 2 = (E[min of 2] + E[max of 2])/2 = (1/6 + 17/6)/2 = 3/2; median of 3 = E[2nd of 3] = 1*2/4 = 1/2
+  #   median of 4 = (0 + 1)/2; a second prompt of equal scores adds 2 to every value (mean over prompts: +1)
+  curves = bon.best_of_n_curves(np.array([[5.0, 0.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0]]))
+  np.testing.assert_allclose(curves["max"], [(1.5 + 2) / 2, (17 / 6 + 2) / 2, (4 + 2) / 2, (5 + 2) / 2])
+  np.testing.assert_allclose(curves["median"], [(1.5 + 2) / 2, (1.5 + 2) / 2, (0.5 + 2) / 2, (0.5 + 2) / 2])
+  np.testing.assert_allclose(bon.expected_order_stat(np.array([[5.0, 0.0, 1.0, 0.0]]), 2, 1), [1 / 6])
 
 
 def test_offline_sampling_killed_midway_resumes_without_repeats_or_losses(tmp_path):
@@ -171,11 +183,11 @@ def models(tmp_path_factory):
   return d
 
 
-def _setup(models, devices):
+def _setup(models, devices, **kw):
   from l2jax import sharding as shd
   from l2jax.data import prompts as pr
   from l2jax.sample import load_sampler
-  cfg = c.Rejection(sampler=str(models / "policy"), max_new_tokens=4, samples_per_prompt=2, temperature=1.0,
+  cfg = c.Rejection(sampler=str(models / "policy"), max_new_tokens=4, samples_per_prompt=2, temperature=1.0, **kw,
                     reward_models=c.RewardModels(helpful=str(models / "helpful"), safety=str(models / "safety")),
                     prompts=c.Prompts(sources=(f"jsonl:{models / 'prompts.jsonl'}",)))
   sampler = load_sampler(cfg.sampler, mesh=shd.make_mesh(1, -1, 1, devices=devices))
@@ -205,15 +217,48 @@ def test_context_distillation_filter_keeps_exactly_the_improved_answers(models):
                                 [True, False, False, True])  # a tie is not an improvement
   cfg, sampler, scorer, prompts, _ = _setup(models, jax.devices()[:1])
   pre = rj.load_preprompts(ROOT / "data/safety-preprompts/table39.jsonl")
-  assert len(pre) == 4 and pre[1].startswith("The following user question has been flagged as unsafe.")
+  assert len(pre.generic) == 4 and pre.generic[1].startswith("The following user question has been flagged as unsafe.")
   recs = rj.distill_records(sampler, scorer, cfg, sampler.tokenizer, pre, prompts, "m")
   for r, p in zip(recs, prompts):
-    assert r["messages"] == list(p.messages) and r["preprompt"] in pre     # the plain prompt is what is kept
-    assert r["kept"] == (r["preprompted"]["safety"] > r["plain"]["safety"])
+    assert r["messages"] == list(p.messages) and r["preprompt"] in pre.generic  # the plain prompt is what is kept
+    assert r["kept"] == (r["preprompted"]["safety"] > r["plain"]["safety"] and bon.usable(r["preprompted"]))
     np.testing.assert_allclose(r["gain"], r["preprompted"]["safety"] - r["plain"]["safety"], rtol=1e-6)
   assert rj.add_preprompt([{"role": "user", "content": "q"}], "P") == [{"role": "system", "content": "P"},
                                                                       {"role": "user", "content": "q"}]
   assert rj.add_preprompt([{"role": "user", "content": "q"}], "P", "prefix") == [{"role": "user", "content": "P\nq"}]
+
+
+def test_cut_off_samples_are_scored_without_eos_and_rescore_reproduces_the_scores(models):
+  from l2jax.data.preferences import encode_responses
+  cfg, sampler, scorer, prompts, ids = _setup(models, jax.devices()[:1], keep_truncated=True)
+  recs = rj.sample_records(sampler, scorer, cfg, ids, prompts, k=2, temperature=1.0, tag="samples", model="m")
+  recs = [{**r, "key": p.key} for r, p in zip(recs, prompts)]  # as l2jax.rl.offline stores them
+  samples = [(r, s) for r in recs for s in r["samples"]]
+  assert any(s["stop_reason"] == "length" for _, s in samples)  # 4 new tokens: a random model is cut off
+  rm = scorer.helpful
+  for r, s in samples:
+    row = encode_responses(rm.tokenizer, r["messages"], [s["text"]], rm.seq_len, finished=s["finished"])[0]
+    assert (row[-1] == rm.tokenizer.eos_id) == s["finished"]
+    tokens, mask = np.array([row]), np.ones((1, len(row)), np.int32)
+    np.testing.assert_allclose(s["helpful"], np.asarray(rm.score_tokens(tokens, mask))[0], rtol=1e-5, atol=1e-6)
+  cut = [(r, s) for r, s in samples if not s["finished"]]
+  as_finished = rm.score([r["messages"] for r, _ in cut], [s["text"] for _, s in cut], finished=True)
+  assert not np.allclose(as_finished, [s["helpful"] for _, s in cut])  # an appended EOS would change the score
+  # rescore(): the pool's answers scored again give the sampled scores back (prompt, answer and finished flag
+  # aligned), and with the two reward models swapped, the other model's scores
+  pool = bon.best_entries(recs, keep_truncated=True)
+  assert pool and all(not bon.usable(bon.entry_answer(e)) for e in pool if e["stop_reason"] != "eos")
+  again = bon.rescore(pool, scorer)
+  for e, a in zip(pool, again):
+    np.testing.assert_allclose([a["helpful"], a["safety"], a["reward"]], [e["helpful"], e["safety"], e["reward"]],
+                               rtol=1e-5, atol=1e-6)
+    assert a["rescored"] and a["messages"] == e["messages"] and a["key"] == e["key"]
+  swapped = rj.Scorer(c.RewardModels(helpful=str(models / "safety"), safety=str(models / "helpful")), 8)
+  for e, a in zip(pool, bon.rescore(pool, swapped)):
+    np.testing.assert_allclose([a["helpful"], a["safety"]], [e["safety"], e["helpful"]], rtol=1e-5, atol=1e-6)
+  assert bon.rescore([], scorer) == []
+  with pytest.raises(ValueError, match="finished flags"):
+    rm.score(["Hi"], ["Hello"], finished=[True, False])
 
 
 def test_config_validation():
@@ -237,8 +282,13 @@ def test_rejection_test_experiment_runs_through_the_launcher_from_an_empty_run_d
   rep = json.loads((run_dir / "rejection.json").read_text())
   samples = offline.read_jsonl(run_dir / "samples.jsonl")
   pool = offline.read_jsonl(run_dir / "pool.jsonl")
-  assert len(samples) == len(pool) > 0 and all(len(r["samples"]) == 4 for r in samples)
-  assert np.all(np.diff(rep["figure7"]["max"]) >= -1e-9)
+  assert all(len(r["samples"]) == 4 for r in samples)
+  assert len(pool) == len(samples) - rep["samples"]["prompts_without_usable"] > 0
+  assert rep["samples"] == bon.sample_counts(samples, keep_truncated=True)  # the report counts the merged records
+  rewards = np.array([[s["reward"] for s in r["samples"]] for r in samples])
+  np.testing.assert_allclose(rep["figure7"]["max"][0], rewards.mean(), rtol=1e-9)          # N = 1: the mean
+  np.testing.assert_allclose(rep["figure7"]["max"][-1], rewards.max(axis=1).mean(), rtol=1e-9)  # N = K: the best
+  assert rep["best_temperature"]["temperature"] in (0.8, 1.6)
   for name in ("figure7.png", "figure8.png", "heldout_reward.png", "summary.md", "final/config.json"):
     assert (run_dir / name).is_file(), name
   assert "held-out reward before" in (run_dir / "summary.md").read_text()

@@ -25,10 +25,18 @@ class Rejection:
   iteration: recorded in every record. pool: a previous iteration's run_dir/pool.jsonl ("" = none); with
   rescore_pool its answers are scored again by these reward models before the best per prompt is kept.
   samples_per_prompt (K), temperature, top_p, top_k, max_new_tokens: sampling. sample_dtype: "" = the checkpoint's.
+  temperature_from: "" (sample at `temperature`) or an earlier rejection run (its directory, its final/ or an
+  experiment reference, or its rejection.json): sample at the best temperature of that run's Figure 8
+  (rejection.json["best_temperature"]: the grid temperature with the highest mean best-of-K R_c among usable
+  samples), the paper's temperature rescaling between iterations (section 3.2.3, Figure 8).
+  keep_truncated: let answers cut off by max_new_tokens into the pool (default False: they are scored without
+  EOS, counted, and never chosen; the SFT format would close them with an EOS). Empty answers never enter.
   batch_prompts: prompts per sampling chunk (each chunk is K x batch_prompts rows; the unit of resumption).
   score_batch: rows per reward-model call. temperatures: Figure 8's temperatures (() = no Figure 8), on the
   first fig8_prompts training prompts. eval_temperature: sampling temperature of the held-out answers.
-  preprompts: JSONL of safety preprompts ({"preprompt", "risk_category"}; those without a category are used).
+  preprompts: JSONL of safety preprompts ({"preprompt", "risk_category"}): a prompt tagged with a risk category
+  that has preprompts (a `jsonl:` prompt record's "risk_category") gets one of those answer templates, every other
+  safety prompt a generic one (no category).
   preprompt_as: "system" (the <<SYS>> block of the first [INST]) or "prefix" (prepended to the user message).
   Fine-tuning (as config.SFT): model (numerics), optim, seq_len, global_batch, micro_batch, epochs, steps,
   seed (also the sampling seed), mesh, ckpt, log_every, tensorboard.
@@ -46,6 +54,8 @@ class Rejection:
   rescore_pool: bool = True
   samples_per_prompt: int = 10
   temperature: float = 1.2
+  temperature_from: str = ""
+  keep_truncated: bool = False
   top_p: float = 1.0
   top_k: int = 0
   max_new_tokens: int = 512

@@ -12,24 +12,102 @@ prompts") is computed here without resampling, as the exact expectation over the
   E[max of N]        = sum_i s_(i) C(i-1, N-1) / C(K, N)
   E[r-th smallest]   = sum_i s_(i) C(i-1, r-1) C(K-i, N-r) / C(K, N)
 and the median of N is the (N+1)/2-th smallest (odd N) or the mean of the N/2-th and N/2+1-th (even N).
-E[max of N] is non-decreasing in N, and at N = K it is the max of the K samples.
+At N = 1 it is the mean reward and at N = K the mean best-of-K reward.
+
+Which samples may become a gold target (`usable`): never an empty answer (first token EOS, or whitespace only:
+the SFT reader refuses it, and an RM that scores "" highly is being hacked), and by default never an answer cut
+off by max_new_tokens (stop_reason != "eos": fine-tuning on it with the EOS the SFT format appends teaches the
+model to stop mid-sentence; DESIGN.md section 6b). A prompt with no usable sample gets no pool entry.
+
+Temperature rescaling (section 3.2.3, Figure 8: "the optimal temperature is not constant during the iterative
+model updates"): `best_temperature` picks, over Figure 8's grid, the temperature with the highest mean best-of-K
+R_c among usable samples (Figure 8's max curve at N = K restricted to what the pool can take); a prompt with no
+usable sample at a temperature counts the lowest R_c seen on the whole grid, so leaving prompts without an
+answer is penalised, not ignored. Ties go to the lower temperature.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["select_best", "merge_pool", "expected_order_stat", "best_of_n_curves", "distill_keep"]
+__all__ = ["select_best", "merge_pool", "expected_order_stat", "best_of_n_curves", "distill_keep", "usable",
+           "sample_counts", "best_temperature", "is_empty", "is_finished", "choose", "pool_entry", "best_entries",
+           "entry_answer", "readable", "build_pool", "rescore"]
 
 
-def select_best(rewards_pk: np.ndarray) -> np.ndarray:
-  """int [P]: per prompt, the index of the highest reward among its K samples (the first on ties)."""
+def is_empty(text: str) -> bool:
+  """An empty answer: nothing but whitespace (a first sampled token EOS decodes to "")."""
+  return not str(text).strip()
+
+
+def is_finished(sample: dict) -> bool:
+  """The sampler stopped on EOS (not on max_new_tokens or the context); records without a stop_reason: True."""
+  return sample.get("stop_reason", "eos") == "eos"
+
+
+def usable(sample: dict, keep_truncated: bool = False) -> bool:
+  """May this sample become a gold target: non-empty, and finished unless keep_truncated (module docstring)."""
+  return not is_empty(sample["text"]) and (keep_truncated or is_finished(sample))
+
+
+def select_best(rewards_pk: np.ndarray, usable_pk: np.ndarray | None = None) -> np.ndarray:
+  """int [P]: per prompt, the index of the highest reward among its usable samples (the first on ties); -1 where
+  none of its K samples is usable (usable_pk None: all are)."""
   r = np.asarray(rewards_pk, np.float64)
   if r.ndim != 2 or r.shape[1] == 0:
     raise ValueError(f"rewards: expected [prompts, K >= 1], found shape {r.shape}")
-  return np.argmax(r, axis=1)
+  ok = np.ones(r.shape, bool) if usable_pk is None else np.asarray(usable_pk, bool)
+  if ok.shape != r.shape:
+    raise ValueError(f"usable: expected shape {r.shape} (as rewards), found {ok.shape}")
+  best = np.argmax(np.where(ok, r, -np.inf), axis=1)
+  return np.where(ok.any(axis=1), best, -1)
+
+
+def sample_counts(records: Sequence[dict], keep_truncated: bool = False) -> dict:
+  """Statistics of best-of-K records ({"samples": [{"text", "reward", "stop_reason"}]}), from the records alone (so
+  a resumed run counts what an uninterrupted one counts): samples, empty, truncated (not stopped by EOS),
+  by_stop_reason, usable, prompts, prompts_without_usable (no pool entry), best_unusable (prompts whose highest-R_c
+  sample was empty or cut off: what selection without the rule would have chosen)."""
+  out = {"prompts": len(records), "samples": 0, "empty": 0, "truncated": 0, "usable": 0, "by_stop_reason": {},
+         "prompts_without_usable": 0, "best_unusable": 0, "keep_truncated": keep_truncated}
+  for rec in records:
+    ss = rec["samples"]
+    ok = [usable(s, keep_truncated) for s in ss]
+    out["samples"] += len(ss)
+    out["empty"] += sum(is_empty(s["text"]) for s in ss)
+    out["truncated"] += sum(not is_finished(s) for s in ss)
+    out["usable"] += sum(ok)
+    for s in ss:
+      reason = s.get("stop_reason", "eos")
+      out["by_stop_reason"][reason] = out["by_stop_reason"].get(reason, 0) + 1
+    out["prompts_without_usable"] += int(not any(ok))
+    out["best_unusable"] += int(bool(ss) and not ok[int(np.argmax([s["reward"] for s in ss]))])
+  return out
+
+
+def best_temperature(rewards_by_t: dict, usable_by_t: dict) -> dict:
+  """The temperature of Figure 8's grid with the highest mean best-of-K R_c among usable samples.
+
+  rewards_by_t / usable_by_t: {temperature (str or float): float [P, K] / bool [P, K]}. Per temperature:
+  best_of_k_usable = mean over prompts of the best usable reward, a prompt with none counting the lowest reward
+  seen on the whole grid; coverage = share of prompts with a usable sample. Ties: the lower temperature.
+  Returns {"temperature", "quantity", "by_temperature": {T: {"best_of_k_usable", "coverage"}}}.
+  """
+  if not rewards_by_t:
+    raise ValueError("best_temperature: no temperatures (Figure 8's grid is empty)")
+  floor = min(float(np.min(r)) for r in rewards_by_t.values() if np.size(r))
+  by_t = {}
+  for t, r in rewards_by_t.items():
+    r, ok = np.asarray(r, np.float64), np.asarray(usable_by_t[t], bool)
+    best = np.where(ok, r, -np.inf).max(axis=1)
+    best = np.where(ok.any(axis=1), best, floor)
+    by_t[f"{float(t):g}"] = {"best_of_k_usable": float(best.mean()), "coverage": float(ok.any(axis=1).mean())}
+  top = max(sorted(by_t, key=float), key=lambda t: (by_t[t]["best_of_k_usable"], -float(t)))
+  return {"temperature": float(top), "by_temperature": by_t,
+          "quantity": "argmax over T of the mean over prompts of the best usable R_c among K samples (usable: "
+                      "not empty, not cut off unless keep_truncated; a prompt with none counts the grid's lowest R_c)"}
 
 
 def merge_pool(previous: Sequence[dict], new: Sequence[dict]) -> tuple[list[dict], dict]:
@@ -56,6 +134,76 @@ def merge_pool(previous: Sequence[dict], new: Sequence[dict]) -> tuple[list[dict
       counts["kept_previous"] += 1
   return list(pool.values()), counts
 
+
+# ----------------------------------------------------------------------------------------------- the pool
+
+def pool_entry(rec: dict, sample: dict, reward: float) -> dict:
+  """A pool.jsonl line: messages JSONL for the SFT reader (prompt + the chosen answer) and where it came from."""
+  return {"key": rec["key"], "messages": rec["messages"] + [{"role": "assistant", "content": sample["text"]}],
+          "reward": reward, "helpful": sample["helpful"], "safety": sample["safety"], "is_safety": rec["is_safety"],
+          "source": rec.get("source", ""), "iteration": rec["iteration"], "sampler": rec["sampler"],
+          "temperature": rec["temperature"], "stop_reason": sample.get("stop_reason", "eos")}
+
+
+def choose(samples: list[dict], keep_truncated: bool = False) -> int:
+  """The index of the best usable sample of one prompt's samples ({"text", "reward", "stop_reason"}); -1: none."""
+  ok = [[usable(x, keep_truncated) for x in samples]]
+  return int(select_best(np.array([[x["reward"] for x in samples]]), np.array(ok))[0])
+
+
+def best_entries(records, keep_truncated: bool = False) -> list[dict]:
+  """The pool candidates of best-of-K records: each prompt's best usable sample; none for a prompt without one."""
+  out = []
+  for rec in records:
+    j = choose(rec["samples"], keep_truncated)
+    if j >= 0:
+      out.append(pool_entry(rec, rec["samples"][j], rec["samples"][j]["reward"]))
+  return out
+
+
+def entry_answer(e: dict) -> dict:
+  """A pool entry's answer as a sample ({"text", "stop_reason"}) for best_of_n.usable."""
+  return {"text": e["messages"][-1]["content"], "stop_reason": e.get("stop_reason", "eos")}
+
+
+def readable(entries: list[dict]) -> tuple[list[dict], int]:
+  """(entries the SFT reader accepts, how many it would refuse): a last guard so that data this stage writes never
+  fails its own reader (l2jax.data.dialogs.check_messages, the messages format's rules)."""
+  from l2jax.data.dialogs import _Problem, check_messages
+  ok = []
+  for e in entries:
+    try:
+      check_messages(e["messages"])
+      ok.append(e)
+    except _Problem:
+      pass
+  return ok, len(entries) - len(ok)
+
+
+def build_pool(previous: list[dict], new: list[dict], keep_truncated: bool = False,
+               rescore_fn: Callable[[list[dict]], list[dict]] | None = None) -> tuple[list[dict], dict]:
+  """(pool, counts): merge_pool of the usable previous entries (rescored by rescore_fn when given) and the new
+  candidates; counts also say how many previous entries were dropped as unusable (an empty or cut-off answer of
+  an older run's pool) and how many pool entries the SFT reader would refuse (dropped; 0 unless a bug)."""
+  prev = [e for e in previous if usable(entry_answer(e), keep_truncated)]
+  prev = rescore_fn(prev) if rescore_fn is not None and prev else prev
+  pool, counts = merge_pool(prev, new)
+  pool, unreadable = readable(pool)
+  return pool, {**counts, "previous_dropped_unusable": len(previous) - len(prev), "dropped_unreadable": unreadable}
+
+
+def rescore(pool: list[dict], scorer) -> list[dict]:
+  """Previous pool answers scored again by the current reward models (scores of different RMs do not compare);
+  a cut-off answer (kept with keep_truncated) is scored as cut off, as when it was sampled."""
+  if not pool:
+    return pool
+  h, s, r = scorer.score([e["messages"][:-1] for e in pool], [e["messages"][-1]["content"] for e in pool],
+                         [e["is_safety"] for e in pool], [is_finished(entry_answer(e)) for e in pool])
+  return [{**e, "helpful": float(h[i]), "safety": float(s[i]), "reward": float(r[i]), "rescored": True}
+          for i, e in enumerate(pool)]
+
+
+# ----------------------------------------------------------------------------------------------- Figure 7
 
 def _weights(k: int, n: int, r: int) -> np.ndarray:
   """[K]: P(the r-th smallest of a uniform N-subset of K sorted items is item i), i = 1..K."""
