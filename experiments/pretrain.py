@@ -6,7 +6,8 @@ r"""Pretraining (Llama 2 section 2.2).
 The paper's settings for every size: AdamW(b1 0.9, b2 0.95, eps 1e-5), weight decay 0.1, gradient clipping
 1.0, cosine schedule with 2000 warmup steps decaying to 10% of peak; peak lr 3e-4 (7B, 13B) and 1.5e-4
 (34B, 70B); global batch 4M tokens (1024 rows of 4096); context 4096. `tiny` is a small CPU model whose loss
-clearly falls within its 300 steps (about two minutes on 2 cores).
+clearly falls within its 300 steps (about two minutes on 2 cores). `test` is the `test` preset (vocabulary
+128) for 3 steps: what the test suite compiles for TPU slices (`--aot v5e-8`) in seconds.
 """
 from l2jax import config as c
 from l2jax.model import presets
@@ -27,8 +28,16 @@ def get_config(arg: str | None = None) -> c.Pretrain:
         optim=c.AdamW(lr=3e-3, warmup_steps=10, decay_to=0.1),
         seq_len=128, global_batch=8, steps=300, log_every=10, eval_every=100, eval_batches=4,
         mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=100, keep=2))
+  if size == "test":
+    return c.Pretrain(
+        name="pretrain-test", model=presets.get("test"),
+        data=c.Data(kind="text", paths=("data/pretrain-text/tinyshakespeare.txt",), split="paragraph",
+                    tokenizer=TOKENIZER, eval_every_nth=20),
+        optim=c.AdamW(lr=3e-3, warmup_steps=1, decay_to=0.1), seq_len=64, global_batch=8, steps=3, log_every=1,
+        eval_every=3, eval_batches=1, mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=3, keep=1),
+        tensorboard=False)
   if size not in SIZES:
-    raise ValueError(f"unknown variant {size!r}; choose tiny, {', '.join(SIZES)}")
+    raise ValueError(f"unknown variant {size!r}; choose tiny, test, {', '.join(SIZES)}")
   preset, lr, mesh = SIZES[size]
   return c.Pretrain(
       name=f"pretrain-{size}", model=presets.get(preset, dtype="bfloat16", remat="full"),

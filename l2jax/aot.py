@@ -161,7 +161,10 @@ def compile_program(p: Program) -> dict[str, Any]:
   t0 = time.perf_counter()
   with shd.use_rules(p.mesh, p.rules):
     lowered = p.fn.lower(*p.args)
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 -- the TPU compiler refuses a program that cannot fit in HBM
+    return _refused(p, e, time.perf_counter() - t0)
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   args, outs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
@@ -169,6 +172,23 @@ def compile_program(p: Program) -> dict[str, Any]:
   return {"program": p.name, "arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
           "peak": args + outs - alias + temp, "compile_s": round(seconds, 2),
           "collectives": collectives(compiled.as_text()), "note": p.note}
+
+
+_UNIT = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def _refused(p: Program, e: Exception, seconds: float) -> dict[str, Any]:
+  """The row of a program the TPU compiler refused as too big (RESOURCE_EXHAUSTED: "the total memory required for
+  HLO temporaries (31.71G) exceeds available HBM (15.75G)"); any other compile error propagates."""
+  msg = str(e)
+  m = re.search(r"required for (.+?) \(([0-9.]+)([KMGT])\) exceeds available \w+ \(([0-9.]+)([KMGT])\)", msg)
+  if "RESOURCE_EXHAUSTED" not in msg or not m:
+    raise e
+  need = int(float(m.group(2)) * _UNIT[m.group(3)])
+  return {"program": p.name, "arguments": 0, "outputs": 0, "aliased": 0, "temporaries": need, "peak": need,
+          "compile_s": round(seconds, 2), "collectives": {op: {"count": 0, "bytes": 0} for op in COLLECTIVES},
+          "note": f"refused by the compiler: {m.group(1)} need {m.group(2)}{m.group(3)}iB "
+                  f"> {m.group(4)}{m.group(5)}iB available", "refused": True}
 
 
 def format_table(rows: list[dict], acc: Accelerator) -> str:
@@ -179,9 +199,10 @@ def format_table(rows: list[dict], acc: Accelerator) -> str:
   for r in rows:
     coll = ", ".join(f"{op} {v['count']}/{v['bytes'] / 2 ** 20:.1f}" for op, v in r["collectives"].items()
                      if v["count"])
+    fits = r["peak"] <= acc.hbm_bytes and not r.get("refused")
     lines.append(f"{r['program']:<26} {gib(r['arguments']):>8} {gib(r['outputs']):>8} {gib(r['temporaries']):>8} "
-                 f"{gib(r['peak']):>9} {acc.hbm_gib:>5.0f} {'yes' if r['peak'] <= acc.hbm_bytes else 'NO':>4} "
-                 f"{r['compile_s']:>9.1f}  {coll or '-'}")
+                 f"{gib(r['peak']):>9} {acc.hbm_gib:>5.0f} {'yes' if fits else 'NO':>4} "
+                 f"{r['compile_s']:>9.1f}  {r['note'] if r.get('refused') else coll or '-'}")
   return "\n".join(lines)
 
 
@@ -218,9 +239,10 @@ def run(cfg: Any, spec: str, accelerator: str, slices: int = 1, run_dir: str | P
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, path)
     print(f"wrote {path}", file=out)
-  bad = [r for r in rows if r["peak"] > acc.hbm_bytes]
+  bad = [r for r in rows if r.get("refused") or r["peak"] > acc.hbm_bytes]
   for r in bad:
-    print(f"error: {r['program']} does not fit on {acc.name}: peak {r['peak'] / GiB:.2f} GiB per chip > "
+    at_least = "at least " if r.get("refused") else ""
+    print(f"error: {r['program']} does not fit on {acc.name}: peak {at_least}{r['peak'] / GiB:.2f} GiB per chip > "
           f"{acc.hbm_gib:.0f} GiB HBM; try {KNOBS}", file=sys.stderr)
   return 1 if bad else 0
 
