@@ -1,6 +1,7 @@
 r"""Safety reward model (Llama 2 section 3.2.2).
 
-  python -m l2jax.launch experiments/rm_safety.py:tiny   # CPU, a few minutes (+ SFT tiny first): shipped HH-RLHF + OASST
+  python -m l2jax.launch experiments/rm_safety.py:tiny   # CPU, a few minutes (+ SFT tiny first)
+  python -m l2jax.launch experiments/rm_safety.py:tiny-judge   # the held-out judge (the other half of the pairs)
   python -m l2jax.launch experiments/rm_safety.py:7b     # also 13b, 70b; backbone from runs/sft-<size>/final
 
 Data ("Data Composition"): all safety data and Anthropic harmless data, mixed with helpfulness and open-source
@@ -17,6 +18,9 @@ from the chat model) and trains its 4-layer, 128-wide backbone with a fresh head
 for one epoch over rows of 128 tokens built from the shipped HH-RLHF test files and OASST trees, holding out
 20% of the conversations of each file for its accuracy table (run_dir/reward_eval.*); see docs/reward.md.
 `test` is the same for 3 steps from experiments/sft.py:test (seconds), for the test chains of later stages.
+Every variant trains on the "trainer" half of the training conversations (data.part; the reward models that
+train policies); `<size>-judge` (e.g. `tiny-judge`) is the same on the "judge" half: the held-out judge that
+scores the iterative-RLHF versions (docs/rlhf.md). `--set data.part=all` trains on both halves.
 """
 import dataclasses
 

@@ -33,7 +33,8 @@ KEY_FIELDS = ("name", "mode", "objective", "size", "init", "sampler", "policy", 
               "data.kind", "data.paths", "data.sources", "data.mix", "prompts.sources", "seq_len", "global_batch",
               "epochs", "steps", "iterations", "batch_prompts", "minibatch", "samples_per_prompt", "temperature",
               "max_new_tokens", "kl_beta", "optim.lr", "optim.schedule", "turns", "constraints.kinds",
-              "rs_versions", "gatt_after", "pool_from", "ppo", "ppo_iterations")
+              "rs_versions", "gatt_after", "pool_from", "ppo", "ppo_after_rs", "ppo_iterations", "rescale_temperature",
+              "temperature_from", "judge_helpful", "judge_safety", "data.part", "eval.heldout_part")
 CURVE = re.compile(r"loss|reward|score|kl|acc|(^|_|/)r[chs]($|_)|violation|entropy|clip|explained|ppl|length|eos")
 NOT_CURVE = re.compile(r"time|tokens|mfu|crc|fingerprint|weight|seconds|_s$|finite|step")
 MAX_PANELS = 12
