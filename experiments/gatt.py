@@ -11,7 +11,9 @@ metrics.jsonl, final/, consistency.{json,md,png}, attention.{json,png}}.
 
 `tiny` starts from experiments/sft.py:tiny with the rule-checkable kinds (start word, capitals, end sign), one
 per instruction; the tiny sampler cannot follow an instruction, so those kinds are enforced on its answers
-(`repair=true`, docs/gatt.md). `test` is the same at the smallest size for CI. `7b`..`70b` use the paper's
+(`repair=true`, docs/gatt.md), nor does it stop by EOS within 24 tokens four turns in a row, so `tiny` and `test`
+keep cut-off answers (`keep_truncated=true`; counted in gatt_stats.json); empty answers are always rejected. `test`
+is the same at the smallest size for CI. `7b`..`70b` use the paper's
 constraints (hobby, language, public figure; only language has an automatic checker) and the SFT settings,
 sampling with `init` (the paper samples with its latest RLHF model: pass it as init or sampler).
 """
@@ -34,6 +36,7 @@ def get_config(arg: str | None = None) -> c.GAtt:
         name="gatt-tiny", sampler="", init="experiments/sft.py:tiny", model=presets.get("tiny"),
         data=c.Dialogs(kind="oasst", paths=OASST, tokenizer=TOKENIZER, eval_every_nth=10),
         constraints=RULES, turns=4, max_user_words=8, instructions_per_dialog=4, repair=True, all_prefixes=True,
+        keep_truncated=True,
         temperature=0.7, top_p=0.9, max_new_tokens=24, batch_dialogs=32,
         eval=c.ConsistencyEval(dialogs=30, turns=20, max_new_tokens=32, temperature=0.0, seed=1, attention_bins=20),
         optim=c.AdamW(lr=1e-3, warmup_steps=5, decay_to=0.1, weight_decay=0.1, clip=1.0),
@@ -44,6 +47,7 @@ def get_config(arg: str | None = None) -> c.GAtt:
         name="gatt-test", sampler="", init="experiments/sft.py:test", model=presets.get("tiny"),
         data=c.Dialogs(kind="oasst", paths=OASST, tokenizer=TOKENIZER, max_dialogs=12, eval_every_nth=4),
         constraints=RULES, turns=2, max_user_words=6, instructions_per_dialog=1, repair=True, all_prefixes=True,
+        keep_truncated=True,
         temperature=0.7, top_p=0.9, max_new_tokens=6, batch_dialogs=8,
         eval=c.ConsistencyEval(dialogs=2, turns=3, max_new_tokens=6, temperature=0.0, seed=1, attention_bins=4),
         optim=c.AdamW(lr=1e-3, warmup_steps=0, decay_to=0.1), seq_len=128, global_batch=4, epochs=1, steps=2,

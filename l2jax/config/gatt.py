@@ -79,7 +79,9 @@ class GAtt:
   user messages to N words (0 = as is). instructions_per_dialog: dialogs sampled per source dialog, each with its
   own instruction. repair: enforce the rule kinds (start_word, capitals, end_sign) on the sampled answers
   (docs/gatt.md). all_prefixes: one example per turn k of a kept dialog (trained on answer k) instead of one per
-  dialog. temperature, top_p, max_new_tokens, sample_dtype ("" = the checkpoint's): sampling. batch_dialogs:
+  dialog. keep_truncated: keep dialogs with an answer cut off by max_new_tokens (default False: such a dialog is
+  rejected and counted, as is one with an answer sampled empty, always). temperature, top_p, max_new_tokens,
+  sample_dtype ("" = the checkpoint's): sampling. batch_dialogs:
   dialogs per sampling chunk (the unit of resumption). eval: the evaluation.
   Fine-tuning (as config.SFT): model (numerics), optim, seq_len, global_batch, micro_batch, epochs, steps, seed
   (also instructions and sampling), mesh, ckpt, log_every, tensorboard.
@@ -95,6 +97,7 @@ class GAtt:
   instructions_per_dialog: int = 1
   repair: bool = False
   all_prefixes: bool = False
+  keep_truncated: bool = False
   temperature: float = 0.7
   top_p: float = 0.9
   max_new_tokens: int = 256

@@ -18,6 +18,10 @@ shortens half of the instructions: "Always act as Napoleon from now" -> "Figure:
 The rule kinds (start_word, capitals, end_sign) also have a `repair`: prefix the word, upper-case, append the
 sign. The lists of values are data in data/gatt/ (hobbies.txt, languages.tsv, figures.txt, words.txt, signs.txt).
 
+A sampled answer that is empty (first token EOS, or whitespace only) or cut off by max_new_tokens is never a
+GAtt answer by default (`answer_problem`): a repair would make the first look like an answer and the second look
+finished, and the SFT format closes every answer with EOS (DESIGN.md section 6b). Its dialog is rejected.
+
 Placement of the instruction in a training example (`placement`): "system" (default) puts it in the system
 prompt, which the Llama 2 chat format writes inside the first [INST] (and which the SFT truncation policy never
 drops); "user" prepends it to the first user message. Either way it appears once, in the first turn.
@@ -54,6 +58,17 @@ class Lists:
   stopwords: dict              # language -> frozenset of lower-case words
 
 
+def _read_lines(p: Path) -> list[str]:
+  """The lines of a UTF-8 text file; a line that is not valid UTF-8 is an error naming file:line."""
+  out = []
+  for n, raw in enumerate(p.read_bytes().split(b"\n"), 1):
+    try:
+      out.append(raw.decode("utf-8").rstrip("\r"))
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{p}:{n}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+  return out
+
+
 def load_lists(lists_dir: str | Path = "data/gatt") -> Lists:
   """Read data/gatt/*: one value a line (# comments); languages.tsv is `language<TAB>function words`."""
   d = Path(lists_dir)
@@ -62,14 +77,14 @@ def load_lists(lists_dir: str | Path = "data/gatt") -> Lists:
     p = d / name
     if not p.is_file():
       raise FileNotFoundError(f"{p}: GAtt list for {kind!r} not found")
-    vals = tuple(s.strip() for s in p.read_text().splitlines() if s.strip() and not s.startswith("#"))
+    vals = tuple(s.strip() for s in _read_lines(p) if s.strip() and not s.startswith("#"))
     if not vals:
       raise ValueError(f"{p}: no values")
     values[kind] = vals
   p = d / "languages.tsv"
   if not p.is_file():
     raise FileNotFoundError(f"{p}: GAtt language list not found")
-  for n, line in enumerate(p.read_text().splitlines(), 1):
+  for n, line in enumerate(_read_lines(p), 1):
     if not line.strip() or line.startswith("#"):
       continue
     lang, sep, words = line.partition("\t")
@@ -223,15 +238,46 @@ def gatt_example(inst: Instruction | str, users: Sequence[str], answers: Sequenc
   return msgs
 
 
-def rejection_filter(records: Sequence[dict], lists: Lists | None = None) -> tuple[list[dict], list[dict]]:
+def answer_problem(sampled: str, stop_reason: str = "eos", keep_truncated: bool = False) -> str | None:
+  """Why a sampled answer cannot be a GAtt answer: "empty" (first token EOS or whitespace only; a repair would
+  hide it), "truncated" (cut off by max_new_tokens or the context, unless keep_truncated: the SFT format would
+  close it with an EOS), or None."""
+  if not sampled.strip():
+    return "empty"
+  return "truncated" if stop_reason != "eos" and not keep_truncated else None
+
+
+def record_problems(record: dict, keep_truncated: bool = False) -> list[str | None]:
+  """answer_problem of each answer of a sampled record (no "sampled" / "stop_reasons": as answered, finished)."""
+  sampled = record.get("sampled", record["answers"])
+  reasons = record.get("stop_reasons", ["eos"] * len(sampled))
+  return [answer_problem(s, r, keep_truncated) for s, r in zip(sampled, reasons)]
+
+
+def rejection_filter(records: Sequence[dict], lists: Lists | None = None,
+                     keep_truncated: bool = False) -> tuple[list[dict], list[dict]]:
   """(kept, dropped): a record {"instruction", "answers"} is kept iff every answer passes the instruction's
-  checker (the rejection step); an instruction with no automatic checker keeps only non-empty answers."""
+  checker (the rejection step) and none was sampled empty or (unless keep_truncated) cut off."""
   kept, dropped = [], []
   for r in records:
     inst = Instruction.from_json(r["instruction"])
     ok = bool(r["answers"]) and all(inst.check(a, lists) is not False and a.strip() for a in r["answers"])
+    ok = ok and not any(record_problems(r, keep_truncated))
     (kept if ok else dropped).append(r)
   return kept, dropped
+
+
+def build_examples(kept: Sequence[dict], placement: str, all_prefixes: bool) -> tuple[list[list[dict]], int]:
+  """(examples of the kept records, how many the SFT reader's check_messages refuses: dropped, never written)."""
+  from l2jax.data.dialogs import _Problem, check_messages
+  out, bad = [], 0
+  for ex in (ex for r in kept for ex in examples_from(r, placement, all_prefixes)):
+    try:
+      check_messages(ex)
+      out.append(ex)
+    except _Problem:
+      bad += 1
+  return out, bad
 
 
 def examples_from(record: dict, placement: str, all_prefixes: bool) -> list[list[dict]]:
@@ -277,20 +323,22 @@ def fit_prompt(tok, inst: Instruction, users: Sequence[str], answers: Sequence[s
 def converse(sampler, instructions: Sequence[Instruction], users: Sequence[Sequence[str]], *, mode: str,
              placement: str = "system", repair: bool = False, lists: Lists | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ids: Sequence[int] | None = None,
-             stop_on_fail: bool = False) -> list[dict]:
+             stop_on_fail: bool = False, keep_truncated: bool = False) -> list[dict]:
   """Sample the assistant turns of many dialogs one turn after another, the live dialogs batched at every turn.
 
   Dialog j answers users[j][0], users[j][1], ... with `instructions[j]` placed by `mode` (see fit_prompt).
   repair: apply Instruction.repair to each sampled answer before it enters the history (rule kinds only).
-  stop_on_fail: stop a dialog at its first answer that fails the checker (the rejection step drops it anyway).
+  stop_on_fail: stop a dialog at its first answer that fails the checker or was sampled empty or (unless
+  keep_truncated) cut off (answer_problem; the rejection step drops it anyway).
   Row seeds depend only on (seed, ids[j], turn), so results do not depend on how dialogs are batched.
-  Returns per dialog {"answers", "sampled", "checks": [{kind: bool}], "stop": "done"|"failed"|"context"}.
+  Returns per dialog {"answers", "sampled", "stop_reasons" (the sampler's, per answer), "checks": [{kind: bool}],
+  "stop": "done"|"failed"|"empty"|"truncated"|"context"}.
   """
   tok = sampler.tokenizer
   n = len(instructions)
   ids = list(range(n)) if ids is None else list(ids)
   budget = sampler.cfg.max_seq_len - max_new_tokens
-  out = [{"answers": [], "sampled": [], "checks": [], "stop": "done"} for _ in range(n)]
+  out = [{"answers": [], "sampled": [], "stop_reasons": [], "checks": [], "stop": "done"} for _ in range(n)]
   live = list(range(n))
   for k in range(max((len(u) for u in users), default=0)):
     rows, prompts = [], []
@@ -314,9 +362,11 @@ def converse(sampler, instructions: Sequence[Instruction], users: Sequence[Seque
       o = out[j]
       o["sampled"].append(text)
       o["answers"].append(final)
+      o["stop_reasons"].append(gen.stop_reasons[r])
       o["checks"].append(instructions[j].checks(final, lists))
-      if stop_on_fail and instructions[j].check(final, lists) is False:
-        o["stop"] = "failed"
+      problem = answer_problem(text, gen.stop_reasons[r], keep_truncated)
+      if stop_on_fail and (problem or instructions[j].check(final, lists) is False):
+        o["stop"] = problem or "failed"
       else:
         live.append(j)
   return out

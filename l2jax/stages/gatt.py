@@ -6,10 +6,11 @@ run(cfg, run_dir), each phase resumable:
   2. sample (l2jax.rl.offline, chunks of `batch_dialogs` dialogs, run_dir/samples.jsonl): the sampler answers
      the turns one after another with the instruction concatenated to every user message, the live dialogs
      batched at every turn; with `repair` the rule kinds are enforced on each answer before it enters the
-     history; a dialog stops at its first failing answer;
+     history; a dialog stops at its first failing answer, or one sampled empty or cut off by max_new_tokens;
   3. reject and build (run_dir/examples.jsonl, gatt_stats.json): keep the dialogs whose answers all pass the
-     checker; each becomes a dialog with the instruction in the first turn only and `"train": false` on every
-     answer but the last (loss only on the last answer and its EOS);
+     checker and none was sampled empty or (unless keep_truncated) cut off (counted: answers_empty,
+     answers_truncated, stops); each becomes a dialog with the instruction in the first turn only and
+     `"train": false` on every answer but the last (loss only on the last answer and its EOS);
   4. fine-tune `init` on examples.jsonl with THE SFT stage (l2jax.stages.sft.run) in the same run directory;
   5. evaluate run_dir/final against the baseline (`eval.baseline`, default `init`) on held-out dialogs of
      `eval.turns` turns: consistency.{json,md,png}, attention.{json,png} (l2jax.eval.consistency).
@@ -29,7 +30,7 @@ from l2jax.data import dialogs as dl
 from l2jax.data import gatt as gd
 from l2jax.stages.common import Subset, split_documents
 
-__all__ = ["run", "plan", "sft_config", "held_out_users"]
+__all__ = ["run", "plan", "sft_config", "held_out_users", "sample_stats"]
 
 
 def _sources(cfg: c.GAtt):
@@ -85,7 +86,8 @@ def _sample_and_build(cfg: c.GAtt, run_dir: Path, lists: gd.Lists, examples: Pat
     outs = gd.converse(sampler, [gd.Instruction.from_json(x["instruction"]) for x in batch],
                        [x["users"] for x in batch], mode="appended", repair=cfg.repair, lists=lists,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                       seed=cfg.seed, ids=[x["index"] for x in batch], stop_on_fail=True)
+                       seed=cfg.seed, ids=[x["index"] for x in batch], stop_on_fail=True,
+                       keep_truncated=cfg.keep_truncated)
     return [{"instruction": x["instruction"], "users": x["users"], **o,
              "repaired": [a != s for a, s in zip(o["answers"], o["sampled"])]} for x, o in zip(batch, outs)]
 
@@ -93,31 +95,43 @@ def _sample_and_build(cfg: c.GAtt, run_dir: Path, lists: gd.Lists, examples: Pat
                         chunk=cfg.batch_dialogs, process_index=jax.process_index(),
                         process_count=jax.process_count(), log=lambda m: print(f"gatt: {m}", file=sys.stderr))
   del sampler
-  kept, dropped = gd.rejection_filter(records, lists)
-  exs = [ex for r in kept for ex in gd.examples_from(r, cfg.constraints.placement, cfg.all_prefixes)]
-  answers = [a for r in records for a in r["answers"]]
+  kept, dropped = gd.rejection_filter(records, lists, cfg.keep_truncated)
+  exs, unreadable = gd.build_examples(kept, cfg.constraints.placement, cfg.all_prefixes)
+  stats = sample_stats(records, kept, dropped, cfg)
+  stats.update(examples=len(exs), examples_dropped_unreadable=unreadable)
+  print(f"gatt: {len(records)} dialogs sampled, {len(kept)} kept, {len(dropped)} rejected "
+        f"(failed checks by kind: {stats['failed_checks_by_kind']}; answers sampled empty "
+        f"{stats['answers_empty']}, cut off {stats['answers_truncated']}); {len(exs)} examples; "
+        f"{stats['answers_repaired']} of {stats['answers']} answers repaired", file=sys.stderr)
+  if not exs:
+    raise ValueError(f"GAtt: every one of the {len(records)} sampled dialogs was rejected (stops {stats['stops']}, "
+                     f"failed checks {stats['failed_checks_by_kind']}); use a stronger sampler, repair=true for the "
+                     "rule kinds, more max_new_tokens, or fewer turns")
+  if jax.process_index() == 0:
+    (run_dir / "gatt_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    offline.write_jsonl_atomic(examples, [{"messages": m} for m in exs])
+  return stats
+
+
+def sample_stats(records: list[dict], kept: list[dict], dropped: list[dict], cfg: c.GAtt) -> dict:
+  """gatt_stats.json, from the merged records alone (so a resumed run reports what an uninterrupted one does)."""
   failed_kinds: dict = {}
   for r in dropped:
     for chk in r["checks"]:
       for kind, ok in chk.items():
         failed_kinds[kind] = failed_kinds.get(kind, 0) + int(not ok)
-  stats = {"dialogs_sampled": len(records), "dialogs_kept": len(kept), "dialogs_rejected": len(dropped),
-           "examples": len(exs), "answers": len(answers),
-           "answers_repaired": int(sum(sum(r["repaired"]) for r in records)),
-           "failed_checks_by_kind": failed_kinds, "stops": {s: sum(r["stop"] == s for r in records)
-                                                           for s in ("done", "failed", "context")},
-           "shortened_instructions": int(sum(r["instruction"]["short"] for r in records)),
-           "checkers": {k: gd.CHECKERS[k] for k in cfg.constraints.kinds}, "repair": cfg.repair}
-  print(f"gatt: {len(records)} dialogs sampled, {len(kept)} kept, {len(dropped)} rejected "
-        f"(failed checks by kind: {failed_kinds}); {len(exs)} examples; {stats['answers_repaired']} of "
-        f"{len(answers)} answers repaired", file=sys.stderr)
-  if not exs:
-    raise ValueError(f"GAtt: every one of the {len(records)} sampled dialogs was rejected ({failed_kinds} failed "
-                     "checks); use a stronger sampler, repair=true for the rule kinds, or fewer turns")
-  if jax.process_index() == 0:
-    (run_dir / "gatt_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    offline.write_jsonl_atomic(examples, [{"messages": m} for m in exs])
-  return stats
+  empty = sum(not a.strip() for r in records for a in r.get("sampled", r["answers"]))
+  cut = sum(x != "eos" for r in records for x in r.get("stop_reasons", []))
+  return {"dialogs_sampled": len(records), "dialogs_kept": len(kept), "dialogs_rejected": len(dropped),
+          "answers": sum(len(r["answers"]) for r in records),
+          "answers_repaired": int(sum(sum(r["repaired"]) for r in records)),
+          "answers_empty": empty, "answers_truncated": cut,
+          "failed_checks_by_kind": failed_kinds,
+          "stops": {s: sum(r["stop"] == s for r in records) for s in ("done", "failed", "empty", "truncated",
+                                                                       "context")},
+          "shortened_instructions": int(sum(r["instruction"]["short"] for r in records)),
+          "checkers": {k: gd.CHECKERS[k] for k in cfg.constraints.kinds}, "repair": cfg.repair,
+          "keep_truncated": cfg.keep_truncated}
 
 
 def run(cfg: c.GAtt, run_dir: Path, check_sharding: bool = False):
