@@ -1,4 +1,5 @@
-"""Ghost Attention (issue 12): instructions, checkers, examples and masks, rejection, consistency, attention maps."""
+"""Ghost Attention (Llama 2 section 3.3; Table 30, Figure 10): instructions, checkers, examples and masks, rejection,
+consistency, attention maps."""
 from __future__ import annotations
 
 import json
