@@ -25,7 +25,7 @@ def masked_nll_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Ar
   return jnp.sum(token_nll(logits_btv, targets_bt) * mask), jnp.sum(mask)
 
 
-# --- reward-model ranking loss (issue 6) ---------------------------------------------------------------------
+# --- reward-model ranking loss (Llama 2 section 3.2.2) ---------------------------------------------------------
 
 # Margin m(r) per rating level (Llama 2 Table 27), in the level order of l2jax.data.preferences.RATINGS:
 # significantly better, better, slightly better, negligibly better / unsure. Unrated pairs get no margin.
@@ -59,7 +59,7 @@ def ranking_loss_sum(r_chosen_p: jax.Array, r_rejected_p: jax.Array, margin_p: j
   return jnp.sum(jax.nn.softplus(-diff_p) * w_p), jnp.sum(w_p)
 
 
-# --- PPO (issue 10) ------------------------------------------------------------------------------------------
+# --- PPO (Llama 2 section 3.2.3) -------------------------------------------------------------------------------
 
 def _masked_mean(x_bt: jax.Array, mask_bt: jax.Array, count: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(mask_bt, x_bt.astype(jnp.float32), 0.0)) / jnp.maximum(count, 1.0)

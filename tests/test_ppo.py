@@ -1,5 +1,6 @@
-"""The PPO stage (Llama 2 section 3.2.3): one run's outputs, the KL at pi_0, sharded = one device, learning on a rule reward,
-resume after SIGKILL. Small random models on the 512-piece stories260K tokenizer keep it fast on 2 cores."""
+"""The PPO stage (Llama 2 section 3.2.3): one run's outputs, the KL at pi_0, sharded = one device, learning on a
+rule reward, resume after SIGKILL, early stopping (and its resume). Small random models on the 512-piece
+stories260K tokenizer keep it fast on 2 cores."""
 import json
 import os
 import signal

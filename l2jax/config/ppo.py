@@ -66,8 +66,9 @@ class PPO:
   Each iteration samples `batch_prompts` prompts, one response each (at most `max_new_tokens` tokens at
   `temperature`; the log-probabilities of the PPO ratio, the KL and the entropy are those of the distribution
   sampled, softmax(logits / temperature), for the policy and the reference alike, as TRL and OpenRLHF do.
-  top_p must stay 1: a truncated nucleus would make them off-policy, so it is refused), scores them and takes `ppo_epochs * batch_prompts / minibatch` AdamW steps for
-  the policy (optim) and for the value model (value_optim); micro_batch splits a mini-batch for gradient
+  top_p must stay 1: a truncated nucleus would make them off-policy, so it is refused), scores them and
+  takes `ppo_epochs * batch_prompts / minibatch` AdamW steps for the policy (optim) and for the value model
+  (value_optim); micro_batch splits a mini-batch for gradient
   accumulation (0 = none); generate_chunks: responses are decoded in this many sequential chunks of rows (the
   KV cache shrinks by that factor; the tokens are the same).
   kl_beta: beta of R = R~c - beta * KL (0.01 for 7B/13B, 0.005 for 34B/70B). clip: PPO ratio clip.
@@ -75,7 +76,9 @@ class PPO:
   from the whitened score of a response that ends without EOS (0 = off).
   iterations: PPO iterations (the loop's steps). eval_every: held-out evaluation every N iterations (and at
   the end; 0 = none). patience: stop after this many evaluations without a better held-out mean Rc (0 = never
-  stop early); final/ is the best evaluated policy when evaluations ran, else the last.
+  stop early); final/ is the best evaluated policy when evaluations ran, else the last; value/ the last value
+  model (also after an early stop). The evaluations answer `prompts.eval_prompts` of the held-out "select"
+  half (a seeded sample stratified by source and IS_SAFETY; the versions evaluation reports on the other half).
   samples_logged: responses written to samples.jsonl per iteration.
   device_memory_gib / plan_devices: `--check-sharding` checks the per-device memory plan against this much
   accelerator memory on `plan_devices` devices (0 = the devices present).

@@ -198,8 +198,8 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
   p_sh = {"policy": sh("policy"), "value": sh("value")}
   f_sh = {k: sh(k) for k in ("ref", "rm_helpful", "rm_safety")}
   sample_sh = shd.tree_shardings(m.axes["policy"], mesh, shd.SAMPLE_RULES, m.host["policy"])
-  policy_opt = train.make_optimizer(cfg.optim, cfg.iterations * cfg.ppo_epochs * cfg.batch_prompts // cfg.minibatch)
-  value_opt = train.make_optimizer(cfg.value_optim, cfg.iterations * cfg.ppo_epochs * cfg.batch_prompts // cfg.minibatch)
+  updates = cfg.iterations * cfg.ppo_epochs * cfg.batch_prompts // cfg.minibatch
+  policy_opt, value_opt = train.make_optimizer(cfg.optim, updates), train.make_optimizer(cfg.value_optim, updates)
   def init_state(p):
     return {"params": p, "opt": {"policy": policy_opt.init(p["policy"]), "value": value_opt.init(p["value"])},
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(cfg.seed))}

@@ -8,7 +8,6 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -189,8 +188,11 @@ def summary(run_dir: Path) -> str:
   first, best = min(evals), early.get("best_step", max(evals))
   f = lambda r: (f"Rc {r['eval_rc']:.3f} (Rh {r['eval_rh']:.3f}, Rs {r['eval_rs']:.3f}), KL {r['eval_kl']:.3f}, "
                  f"violations {r['eval_violation_rate']:.0%}")
+  ds = Path(run_dir) / "data_stats.json"
+  ev = json.loads(ds.read_text()).get("eval") if ds.is_file() else None
+  on = f" (evaluation set: {ev['prompts']} prompts, {ev['safety_share']:.0%} safety)" if ev else ""
   return (f"ppo: held-out at iteration {first}: {f(evals[first])} -> final/ (iteration {best}): "
-          f"{f(evals.get(best, evals[max(evals)]))}{tail}")
+          f"{f(evals.get(best, evals[max(evals)]))}{on}{tail}")
 
 
 def trim_samples(run_dir: Path, start: int) -> None:
