@@ -123,7 +123,7 @@ def _fake_checkpoints(root, tok_path):
   for name, seed in (("rm_h", 2), ("rm_s", 3)):
     params = rand(sm, seed)
     params["head"]["w"] = params["head"]["w"] * 1000.0   # spread the scores (some below logit(0.15))
-    params["head"]["b"] = np.float32(-53.38 if name == "rm_s" else 0.0)   # Rs near logit(0.15)
+    params["head"]["b"] = np.float32(-26.6 if name == "rm_s" else 0.0)   # Rs of the answers near logit(0.15)
     head = {"kind": "reward_model", "objective": "helpfulness" if name == "rm_h" else "safety", "seq_len": 160}
     out[name] = checkpoint.save_model_dir(root / name, cfg, params, tok_path,
                                           extra_files={"head.json": json.dumps(head)})
