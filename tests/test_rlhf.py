@@ -74,6 +74,8 @@ def test_versions_are_judged_by_held_out_judges(repo_root, monkeypatch):
   assert versions.judges(cfg) == (cfg.judge_helpful, cfg.judge_safety, versions.JUDGES_NOTE)
   own = c.apply_overrides(cfg, ["judge_helpful=", "judge_safety="])
   assert versions.judges(own) == (cfg.rm_helpful, cfg.rm_safety, versions.TRAINERS_NOTE)
+  with pytest.raises(ValueError, match="set both held-out judges or neither"):
+    versions.judges(c.apply_overrides(cfg, ["judge_safety="]))
   assert cfg.eval.heldout_part == "report" and versions.settings(cfg).heldout_part == "report"
 
 

@@ -36,8 +36,12 @@ def settings(cfg: c.RLHF):
 
 
 def judges(cfg: c.RLHF) -> tuple[str, str, str]:
-  """(helpfulness judge, safety judge, note): the held-out judges when set, else the training reward models."""
-  if cfg.judge_helpful and cfg.judge_safety:
+  """(helpfulness judge, safety judge, note): the held-out judges when set, else the training reward models;
+  ValueError when only one judge is set."""
+  if bool(cfg.judge_helpful) != bool(cfg.judge_safety):
+    raise ValueError(f"judge_helpful={cfg.judge_helpful!r}, judge_safety={cfg.judge_safety!r}: set both held-out "
+                     f"judges or neither (then the training reward models judge)")
+  if cfg.judge_helpful:
     return cfg.judge_helpful, cfg.judge_safety, JUDGES_NOTE
   return cfg.rm_helpful, cfg.rm_safety, TRAINERS_NOTE
 

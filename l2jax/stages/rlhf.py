@@ -123,6 +123,7 @@ def run(cfg: c.RLHF, run_dir: Path, check_sharding: bool = False):
   if check_sharding:
     raise ValueError("rlhf: --check-sharding applies to one stage; run it on experiments/rejection.py or ppo.py")
   run_dir = Path(run_dir)
+  versions.judges(cfg)   # both held-out judges or neither, before anything runs
   for k in ("sft", "rm_helpful", "rm_safety") + tuple(k for k in ("judge_helpful", "judge_safety") if getattr(cfg, k)):
     if not (Path(getattr(cfg, k)) / ckpt_lib.CONFIG).is_file():
       raise FileNotFoundError(f"rlhf: {k}={getattr(cfg, k)!r} is not a checkpoint directory (give a directory or "
