@@ -223,3 +223,16 @@ def test_answer_template_preprompts_for_tagged_prompts(tmp_path):
   assert recs[1]["preprompt"] in pre.generic and recs[1]["risk_category"] == ""
   for r in recs:  # an empty or cut-off preprompted answer is never kept, however it scores
     assert r["kept"] == (r["gain"] > 0 and bon.usable(r["preprompted"]))
+
+
+def test_heldout_answers_are_a_stratified_sample_not_the_first_n():
+  # the held-out list is in source order (HH harmless first): its first eval_prompts would all be safety prompts
+  from l2jax.data.tokenizer import Tokenizer
+  from l2jax.launch import load_experiment
+  from l2jax.stages import rejection as R
+  cfg = load_experiment("experiments/rejection.py:tiny")[0]
+  tok = Tokenizer("data/llama2-tokenizer/tokenizer.model")
+  _, held, _, stats = R._prompts(cfg, tok)
+  ev = stats["heldout"]["eval_set"]
+  assert len(held) == cfg.prompts.eval_prompts == ev["prompts"]
+  assert 0.25 <= ev["safety_share"] <= 0.75 and len(ev["by_stratum"]) >= 3

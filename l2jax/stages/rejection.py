@@ -226,7 +226,10 @@ def _prompts(cfg: c.Rejection, tok):
     order = sorted(range(len(train)), key=lambda i: zlib.crc32(train[i].key.encode()))[:cfg.max_prompts]
     train, ids = [train[i] for i in order], [ids[i] for i in order]
   ids_h, held, st_held = pr.encode_prompts(tok, held, cfg.prompts.max_prompt_tokens, cfg.prompts.system)
-  held = held[:cfg.prompts.eval_prompts] if cfg.prompts.eval_prompts else held
+  # the held-out answers before / after fine-tuning: a seeded sample stratified over sources and IS_SAFETY
+  # (the held-out list is in source order; its first N can all be one kind of prompt)
+  held = [held[i] for i in pr.stratified_sample(held, cfg.prompts.eval_prompts, cfg.seed)]
+  st_held = {**st_held, "eval_set": pr.eval_stats(held)}
   ids_by_key = {p.key: x for p, x in zip(train, ids)} | {p.key: x for p, x in zip(held, ids_h)}
   if not train and cfg.sampler:
     raise ValueError(f"no training prompts left from {list(cfg.prompts.sources)} ({st_train})")
