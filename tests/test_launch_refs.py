@@ -1,4 +1,4 @@
-"""Experiment references (issue 10 item 6): 'path/to/exp.py[:ARG]' in a config field resolves to that run's final/,
+"""Experiment references (DESIGN.md section 5): 'path/to/exp.py[:ARG]' in a config field resolves to that run's final/,
 running it first when missing; $L2JAX_RUNS, --no-deps, cycles; and the test chain sft:test -> rm_*:test."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""The run directory cannot be damaged (issue 9, section 2): refusal of non-run directories, the lock, config.json
+"""The run directory cannot be damaged (DESIGN.md section 2): refusal of non-run directories, the lock, config.json
 only after acceptance, final/ always the last step, fallback past corrupt checkpoints, litter cleanup, one-line
 errors, config ranges, skip_bad counts."""
 import json
