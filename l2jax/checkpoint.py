@@ -256,6 +256,37 @@ def check_tree(want: Any, got: Any, where: str) -> None:
       raise ValueError(f"{where}: parameter {k}: expected shape {tuple(w[k].shape)}, found {tuple(np.shape(g[k]))}")
 
 
+def quiet_orbax() -> None:
+  """Keep Orbax's background noise off a command-line run's terminal, where the caller reports the error in one
+  line: Orbax's own log records below CRITICAL (a failed save logs every failing thread's traceback before the
+  error reaches us), and the "Event loop is closed" RuntimeErrors that TensorStore's callbacks raise, as
+  unraisable exceptions, into the asyncio loop Orbax has already closed after a restore that failed (the fallback
+  past a corrupt checkpoint). Idempotent; everything else still reaches the previous hooks."""
+  import logging
+  absl = logging.getLogger("absl")
+  if not any(getattr(f, "_l2jax", False) for f in absl.filters):
+    absl.addFilter(_OrbaxRecords())
+  if getattr(sys.unraisablehook, "_l2jax", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(u):
+    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+      return
+    previous(u)
+  hook._l2jax = True
+  sys.unraisablehook = hook
+
+
+class _OrbaxRecords:
+  """logging filter: drops records logged from Orbax's modules below CRITICAL."""
+  _l2jax = True
+
+  def filter(self, record) -> bool:
+    import logging
+    return record.levelno >= logging.CRITICAL or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 class RunMismatch(ValueError):
   """The run directory holds checkpoints of a different experiment."""
 
@@ -320,6 +351,22 @@ def _restore_error(e: BaseException) -> str:
   return f"{type(e).__name__}: {msg[:200]}"
 
 
+def _write_error(e: BaseException) -> str:
+  """One line for a failed checkpoint write: the operating system's reason when Orbax / TensorStore give one."""
+  import re
+  x: BaseException | None = e
+  while x is not None:
+    if isinstance(x, OSError) and x.strerror:
+      return f"{x.strerror} (errno {x.errno})" + (f": {x.filename}" if x.filename else "")
+    m = re.search(r"Failed to write [^:]*: ([^\[\]\"']+?)\s*(?:\[os_error_code='?(\d+)'?\])?\s*$",
+                  str(x).splitlines()[0] if str(x) else "")
+    if m:
+      return m.group(1) + (f" (errno {m.group(2)})" if m.group(2) else "")
+    x = x.__cause__ or x.__context__
+  msg = " ".join(str(e).split())
+  return f"{type(e).__name__}: {msg[:200]}"
+
+
 class TrainCheckpointer:
   """Orbax training checkpoints under run_dir/checkpoints: state pytree + data-iterator state + metadata.
 
@@ -336,6 +383,7 @@ class TrainCheckpointer:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                         create=True)
     self.mngr = ocp.CheckpointManager(self.dir, options=opts)
+    self._unfinished: int | None = None   # the last step saved, until a wait() has seen it written
 
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
@@ -395,12 +443,23 @@ class TrainCheckpointer:
     return None
 
   def save(self, step: int, state: Any, data_state: Any, *, force: bool = False) -> bool:
+    """Save `step` (in the background when async); a failed write (of this step or of the previous one still in
+    flight) raises CheckpointError with the reason in one line (e.g. "File too large (errno 27)")."""
     ocp = self.ocp
     run_dir_accepted(self.dir.parent)
     meta = {"step": int(step), "identity": self.identity}
-    return self.mngr.save(int(step), args=ocp.args.Composite(
+    steps = " or ".join(str(s) for s in sorted({self._unfinished, int(step)} - {None}))
+    saved = self._writing(steps, self.mngr.save, int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),
         force=force)
+    self._unfinished = int(step) if saved else self._unfinished
+    return saved
+
+  def _writing(self, steps: str, fn: Callable, *args, **kw):
+    try:
+      return fn(*args, **kw)
+    except Exception as e:
+      raise CheckpointError(f"{self.dir}: writing checkpoint {steps or '?'} failed: {_write_error(e)}") from e
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     """(state, data_state) of `step`; `abstract_state`: ShapeDtypeStructs with `sharding=` to restore onto."""
@@ -410,8 +469,11 @@ class TrainCheckpointer:
     return out["state"], out["data"]
 
   def wait(self) -> None:
-    self.mngr.wait_until_finished()
+    self._writing(str(self._unfinished or ""), self.mngr.wait_until_finished)
+    self._unfinished = None
 
   def close(self) -> None:
-    self.mngr.wait_until_finished()
-    self.mngr.close()
+    try:
+      self.wait()
+    finally:
+      self.mngr.close()

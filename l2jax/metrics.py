@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,43 @@ def _scalar(v: Any) -> Any:
   return f if math.isfinite(f) else str(f)
 
 
-class MetricsWriter:
-  """Appends `{"step": s, ...}` lines to run_dir/metrics.jsonl and scalars to TensorBoard (process 0 only)."""
+def trim_after(path: str | Path, step: int) -> int:
+  """Drop the lines of `path` (a metrics.jsonl) with "step" > `step`, and torn or unreadable lines; returns how
+  many went. A run resumed from checkpoint `step` redoes the later steps, whose lines a kill between a step's
+  metrics line and its checkpoint left behind; without this they would appear twice."""
+  path = Path(path)
+  if not path.is_file():
+    return 0
+  lines = path.read_text(errors="replace").splitlines()
+  keep = [l for l in lines if l.strip() and _step_of(l) <= step]
+  if len(keep) == len(lines):
+    return 0
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text("".join(l + "\n" for l in keep))
+  os.replace(tmp, path)
+  return len(lines) - len(keep)
 
-  def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+
+def _step_of(line: str) -> float:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return math.inf
+
+
+class MetricsWriter:
+  """Appends `{"step": s, ...}` lines to run_dir/metrics.jsonl and scalars to TensorBoard (process 0 only).
+
+  resume_step: the step the run (re)starts from; lines of later steps are dropped first (`trim_after`)."""
+
+  def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.path = Path(run_dir) / "metrics.jsonl"
     self.tb = None
     if self.enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      if resume_step is not None:
+        trim_after(self.path, resume_step)
       self.file = open(self.path, "a")
       if tensorboard:
         try:

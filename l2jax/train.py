@@ -200,6 +200,36 @@ class _Sigterm:
       signal.signal(signal.SIGTERM, self.prev)
 
 
+class Throughput:
+  """Tokens per second of the training steps alone, over the steps since the last `rate()`.
+
+  A step's time runs from the completion of the step before it to its own completion; time spent in hooks (the
+  held-out evaluations) in between is left out (`exclude`), and hooks' tokens are never counted. Completion is
+  when the host first sees the step's metrics ready: before the next step is dispatched when the step blocked
+  the host (a PPO iteration), else when its metrics are read. Pure: the caller passes the clock's readings.
+  """
+
+  def __init__(self, t0: float):
+    self.t_last, self.t_done, self.tokens, self.excluded = t0, t0, 0.0, 0.0
+
+  def step_done(self, t: float, tokens: float) -> None:
+    self.t_done, self.tokens = max(t, self.t_done), self.tokens + tokens
+
+  def exclude(self, seconds: float) -> None:
+    self.excluded += seconds
+
+  def rate(self) -> float:
+    """Tokens per second since the previous call; starts the next window."""
+    dt = self.t_done - self.t_last - self.excluded
+    r = self.tokens / max(dt, 1e-9)
+    self.t_last, self.tokens, self.excluded = self.t_done, 0.0, 0.0
+    return r
+
+
+def _ready(dev_metrics: Any) -> bool:
+  return all(x.is_ready() for x in jax.tree.leaves(dev_metrics) if hasattr(x, "is_ready"))
+
+
 def split_metrics(host_metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """(scalars as float, arrays with ndim > 0 as numpy) of one step's host metrics."""
   scalars, arrays = {}, {}
@@ -241,7 +271,9 @@ def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: in
       calls `outputs_fn(step, {name: host numpy array})` with them (dropped when outputs_fn is None), e.g.
       sampled tokens or per-row rewards to write to a JSONL file.
   tokens_per_step: tokens the model processes per step (rows x seq_len, padding included), for tokens/s and
-  MFU (flops_per_token per token); default: the step's "loss_weight" metric (0 without one).
+  MFU (flops_per_token per token); default: the step's "loss_weight" metric (0 without one). The rate counts the
+  steps alone (`Throughput`): hook time (evaluations) and hook tokens are left out.
+  metrics.jsonl lines of steps after the starting step (left by a kill before their checkpoint) are dropped.
   Saves every `ckpt_every` steps and at the end (state, data-iterator state); on SIGTERM saves and returns
   status "preempted". Metrics of step s are read after step s+1 is dispatched, so the host never stalls the
   device; a step due for a checkpoint or a hook is settled (and checked) first.
@@ -250,24 +282,25 @@ def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: in
     raise ValueError(f"ckpt_every: expected >= 1, found {ckpt_every}")
   if log_every < 1:
     raise ValueError(f"log_every: expected >= 1, found {log_every}")
-  writer = MetricsWriter(run_dir, tensorboard=tensorboard)
   start = int(jax.device_get(state["step"]))
+  writer = MetricsWriter(run_dir, tensorboard=tensorboard, resume_step=start)   # drops lines of steps > start
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start, desc=description, dynamic_ncols=True, file=sys.stderr)
-  pending: tuple[int, dict, int] | None = None   # (step, device metrics, batch fingerprint)
+  pending: list | None = None   # [step, device metrics, batch fingerprint, time first seen ready or None]
   last: dict = {}
-  t_log, tokens_since = time.perf_counter(), 0.0
+  speed = Throughput(time.perf_counter())
 
   def last_good() -> str:
     s = ckpt.latest_step() if ckpt else None
     return f"last good checkpoint: step {s}" if s is not None else "no checkpoint was saved"
 
   def settle(p) -> dict:
-    nonlocal t_log, tokens_since, last
-    s, dev_metrics, fp = p
+    nonlocal last
+    s, dev_metrics, fp, t_ready = p
     m, arrays = split_metrics(jax.device_get(dev_metrics))
+    t_done = t_ready if t_ready is not None else time.perf_counter()
     if not step_ok(m):
       if ckpt:
         ckpt.wait()
@@ -277,12 +310,11 @@ def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: in
       raise NonFiniteLoss(f"{what} at step {s}; stopping without saving it; {last_good()}")
     if arrays and outputs_fn is not None and jax.process_index() == 0:
       outputs_fn(s, arrays)
-    tokens_since += tokens_per_step if tokens_per_step else m.get("loss_weight", 0.0)
+    speed.step_done(t_done, tokens_per_step if tokens_per_step else m.get("loss_weight", 0.0))
     m["batch_crc"] = fp
     last = m
     if s % log_every == 0 or s == total_steps:
-      now = time.perf_counter()
-      tps = tokens_since / max(now - t_log, 1e-9)
+      tps = speed.rate()
       m["tokens_per_s"] = tps
       u = mfu(tps, flops_per_token) if flops_per_token else None
       if u is not None:
@@ -290,19 +322,20 @@ def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: in
       writer.write(s, m)
       if bar is not None:
         bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in m}, refresh=False)
-      t_log, tokens_since = now, 0.0
     return m
 
   status = "done"
   try:
     with _Sigterm() as sigterm:
       for s in range(start + 1, total_steps + 1):
+        if pending is not None and pending[3] is None and _ready(pending[1]):
+          pending[3] = time.perf_counter()   # the previous step blocked the host until it was done
         host_batch = next(batches)
         fp = batch_fingerprint(host_batch)
         state, dev_metrics = step(state, shd.global_batch(host_batch, mesh, step.rules))
         if pending is not None:
           settle(pending)
-        pending = (s, dev_metrics, fp)
+        pending = [s, dev_metrics, fp, None]
         if bar is not None:
           bar.update(1)
         due_ckpt = ckpt is not None and (s % ckpt_every == 0 or s == total_steps or sigterm.hit)
@@ -311,7 +344,9 @@ def run(step: Compiled, state: State, batches: BatchIterator, *, total_steps: in
           settle(pending)
           pending = None
         for h in due_hooks:
+          t_hook = time.perf_counter()
           extra = h.fn(s, state)
+          speed.exclude(time.perf_counter() - t_hook)   # evaluation time is not training throughput
           if extra:
             writer.write(s, extra)
             last.update(extra)

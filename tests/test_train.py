@@ -150,7 +150,7 @@ def _poisoned_run(tmp_path, loss_fn_of, poison_at, steps=5, outputs_fn=None, ste
 
 
 def test_nonfinite_update_with_finite_loss_is_never_saved(tmp_path):
-  """Issue 9: the loss is finite but the gradient (and so the updated parameters) is not: the state after that
+  """The loss is finite but the gradient (and so the updated parameters) is not: the state after that
   update must not be saved; the last checkpoint holds finite parameters."""
   def loss_fn_of(base):
     def loss_fn(p, b):
@@ -199,3 +199,51 @@ def test_array_metrics_go_to_outputs_fn_not_the_log(tmp_path):
   rows = [__import__("json").loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert rows and all("per_row_bt" not in r for r in rows) and "per_row_bt" not in result.last_metrics
   assert result.last_metrics["finite"] == 1.0
+
+
+def test_throughput_leaves_out_hook_time():
+  """A PPO-like timeline: steps of 1 s and 100 tokens, a 10 s evaluation after step 2, steps settled two at a
+  time around it: every window's rate is 100 tokens/s."""
+  tp = train.Throughput(0.0)
+  tp.step_done(1.0, 100)
+  assert tp.rate() == pytest.approx(100)
+  tp.step_done(2.0, 100)
+  tp.exclude(10.0)            # the evaluation hook after step 2
+  tp.step_done(13.0, 100)
+  assert tp.rate() == pytest.approx(100)
+  tp.step_done(14.0, 100)     # seen ready before step 5 was dispatched...
+  assert tp.rate() == pytest.approx(100)
+  tp.step_done(15.0, 100)     # ...and step 5 read right after it: no zero-length window
+  assert tp.rate() == pytest.approx(100)
+  tp.step_done(16.0, 100)
+  tp.step_done(17.0, 100)
+  assert tp.rate() == pytest.approx(100)   # a window of two steps
+
+
+class _BlockingStep:
+  """A step that holds the host for `seconds` (as a PPO iteration does) and reports a loss."""
+  rules = shd.TRAIN_RULES
+
+  def __init__(self, seconds):
+    self.seconds = seconds
+
+  def __call__(self, state, batch):
+    import time
+    time.sleep(self.seconds)
+    return {"step": state["step"] + 1}, {"loss": jnp.float32(1.0)}
+
+
+def test_tokens_per_s_ignores_evaluations(tmp_path):
+  """Steps of 0.2 s and 1000 tokens (5000 tokens/s) with a 1 s evaluation hook every 2 steps: every logged
+  tokens_per_s stays near 5000 (the old rate jumped about 100-fold on the step settled right before a hook)."""
+  import json
+  import time
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  batches = _ListIter([{"tokens": np.zeros((8, 4), np.int32)} for _ in range(6)])
+  hook = train.Hook(2, lambda s, state: time.sleep(1.0) or {"eval_rc": 0.0})
+  train.run(_BlockingStep(0.2), {"step": jnp.int32(0)}, batches, total_steps=6, run_dir=tmp_path, ckpt=None,
+            ckpt_every=1, mesh=mesh, log_every=1, hooks=(hook,), tokens_per_step=1000, tensorboard=False,
+            progress=False)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+  assert len(rates) == 6 and all(5000 / 3 < r < 5000 * 2 for r in rates), rates
