@@ -19,7 +19,7 @@ runs/rlhf-<size>/report.md is written. The paper pooled from V3 on; we pool from
 
 `tiny`: the tiny stages (PPO shortened to 30 iterations), the evaluation on at most 64 + 64 held-out prompts (the
 "report" half holds fewer) and Self-BLEU at T = 0.1 ... 1.5 with 25 samples per prompt on the 10 + 10 shipped
-prompts; about 40 minutes on 2 cores with nothing built. `test`: two rejection-sampling versions, GAtt after V1,
+prompts; about 45 minutes on 2 shared cores after SFT and the four reward models (docs/rlhf.md). `test`: two rejection-sampling versions, GAtt after V1,
 V3 = one more rejection-sampling iteration + PPO for 1 iteration, at the `test` sizes (CI).
 """
 from l2jax import config as c
