@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from l2jax.config import ConfigError
+
 GiB = 1024 ** 3
 # generation -> (cores counted per chip in the accelerator name, topology dimensions, HBM GiB per chip,
 #                libtpu chip config)
@@ -38,8 +40,8 @@ TOPOLOGIES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
-class AotError(ValueError):
-  """A bad accelerator name or an experiment that cannot be compiled; one line."""
+class AotError(ConfigError):
+  """A bad accelerator name or an experiment that cannot be compiled; one line (exit 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +90,15 @@ def parse_accelerator(name: str) -> Accelerator:
 
 
 def quiet_libtpu(acc: Accelerator | None = None) -> None:
-  """Environment that keeps libtpu from probing for a TPU host at start-up (set before the backend starts)."""
+  """Keep libtpu from probing for a TPU host at start-up (its environment, set before a backend starts), and
+  trace on the CPU backend: the programs are compiled for the topology's devices, not run."""
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", acc.name if acc else "v5litepod-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  import jax
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_enable_compilation_cache", False)   # no client here to load cached TPU executables
 
 
 def topology_devices(acc: Accelerator, slices: int = 1) -> list:

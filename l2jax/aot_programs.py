@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from l2jax import sharding as shd
 from l2jax import train
@@ -57,6 +58,12 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 def _batch(mesh, rules, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> tuple[dict, dict]:
   """(shardings, ShapeDtypeStructs) of a batch dict {name: (shape, dtype)} split over the batch axes."""
   sh = {k: shd.batch_sharding(mesh, rules, len(s)) for k, (s, _) in shapes.items()}
+  spec = shd.logical_to_spec(("batch",), rules, mesh)[0]
+  shards = 1 if spec is None else int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec)]))
+  for k, (s, _) in shapes.items():
+    if s[0] % shards:
+      raise AotError(f"{k}: {s[0]} rows do not split over the {shards} batch shards of mesh {dict(mesh.shape)}; "
+                     f"use a batch that is a multiple of {shards} (e.g. --set global_batch=...) or a smaller slice")
   return sh, {k: jax.ShapeDtypeStruct(s, d, sharding=sh[k]) for k, (s, d) in shapes.items()}
 
 
@@ -160,6 +167,52 @@ def rejection_programs(cfg, mesh, devices) -> list[Program]:
   return progs + lm_programs(cfg, mesh, cfg.init or sampler, with_eval=False)
 
 
+def abstract_models(cfg):
+  """`stages.ppo.Models` with ShapeDtypeStructs for parameters: policy (= reference), value model and both reward
+  models, their architectures from config.json files or experiment configs (stages.ppo.load_models' rules)."""
+  from l2jax.data.tokenizer import Tokenizer
+  from l2jax.stages import ppo as ppo_stage
+  from l2jax.stages.reward import abstract_scalar_model
+  pol_cfg = architecture(cfg.policy, cfg.model)
+  rm_cfgs = {"rm_helpful": architecture(cfg.reward_models.helpful, cfg.model),
+             "rm_safety": architecture(cfg.reward_models.safety, cfg.model)}
+  value_cfg = rm_cfgs["rm_helpful"] if cfg.value_init == "helpful" else pol_cfg
+  graphdefs, axes = ppo_stage.model_graphs(cfg, pol_cfg, value_cfg, rm_cfgs)
+  cast = lambda tree, dt: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dt)), tree)
+  scalar = lambda mc: llama.split(abstract_scalar_model(mc))[1]
+  lm = llama.split(llama.abstract(pol_cfg))[1]
+  host = {"policy": cast(lm, pol_cfg.param_dtype), "ref": cast(lm, cfg.frozen_dtype),
+          "value": cast(scalar(value_cfg), value_cfg.param_dtype),
+          **{k: cast(scalar(v), cfg.frozen_dtype) for k, v in rm_cfgs.items()}}
+  tok = Tokenizer(Path(__file__).resolve().parents[1] / "data/llama2-tokenizer/tokenizer.model")
+  return ppo_stage.Models(tok, pol_cfg, value_cfg, graphdefs, axes, host)
+
+
+def ppo_programs(cfg, mesh) -> list[Program]:
+  """PPO's three programs (section 3.2.3) as the stage builds them (stages.ppo.build_programs): generate from
+  the policy under SAMPLE_RULES; score with policy, reference, value model and both reward models; the update
+  (policy and value model, AdamW each, over the mini-batches)."""
+  from l2jax.stages import ppo as ppo_stage
+  m = abstract_models(cfg)
+  progs = ppo_stage.build_programs(cfg, m, mesh)
+  B, L = cfg.batch_prompts, cfg.prompts.max_prompt_tokens
+  i32 = jnp.int32
+  _, batch = _batch(mesh, shd.TRAIN_RULES, {"prompt_tokens": ((B, L), i32), "prompt_lens": ((B,), i32),
+                                            "is_safety": ((B,), i32), "index": ((B,), i32)})
+  state = _abstract(progs.abstract_state, progs.state_shardings)
+  frozen = _abstract({k: m.host[k] for k in ("ref", "rm_helpful", "rm_safety")}, progs.frozen_shardings)
+  purpose = jax.ShapeDtypeStruct((), i32)
+  gen_args = (state["params"]["policy"], batch, state["rng"], state["step"], purpose)
+  with shd.use_rules(mesh, shd.TRAIN_RULES):
+    resp = jax.eval_shape(progs.generate, *gen_args)
+    ro = jax.eval_shape(progs.score, state["params"], frozen, batch, resp)[0]
+  rows = f"{B} prompts x ({L} + {cfg.max_new_tokens}) tokens"
+  return [Program("generate", progs.generate, gen_args, mesh, shd.TRAIN_RULES, rows),
+          Program("score", progs.score, (state["params"], frozen, batch, resp), mesh, shd.TRAIN_RULES, rows),
+          Program("update", progs.update, (state, ro), mesh, shd.TRAIN_RULES,
+                  f"{cfg.ppo_epochs} epoch(s) of {B // cfg.minibatch} mini-batches")]
+
+
 def programs(cfg, devices) -> list[Program]:
   """Every jitted program of the stage config `cfg` on a mesh over `devices` (cfg.mesh sizes the axes)."""
   stage = type(cfg).stage
@@ -173,7 +226,6 @@ def programs(cfg, devices) -> list[Program]:
   if stage == "rejection":
     return rejection_programs(cfg, mesh, devices)
   if stage == "ppo":
-    from l2jax.stages.ppo import aot_programs
-    return aot_programs(cfg, mesh)
+    return ppo_programs(cfg, mesh)
   raise AotError(f"stage {stage!r} has no programs of its own to compile (it composes other experiments: run "
                  f"--aot on each of them)")

@@ -133,9 +133,10 @@ def _cycle(stack: tuple, spec: str) -> None:
     raise c.ConfigError(f"experiment reference cycle: {' -> '.join([s for _, s in stack] + [spec])}")
 
 
-def check_references(cfg: Any, spec: str, stack: tuple = ()) -> None:
+def check_references(cfg: Any, spec: str, stack: tuple = (), paths: bool = True) -> None:
   """Raise ConfigError (one line: the chain of experiments, the key, the file) for a missing experiment file,
-  a missing path or a reference cycle in `cfg` (the config of `spec`) or in any dependency that would run."""
+  a missing path (unless `paths` is False: memory plans and ahead-of-time compiles read no files) or a
+  reference cycle in `cfg` (the config of `spec`) or in any dependency that would run."""
   here = stack + ((_key(spec), spec),)
   where = " -> ".join(s for _, s in here[:-1]) + (f" -> {spec}: " if len(here) > 1 else "")
   for key, value in _strings(cfg):
@@ -147,10 +148,10 @@ def check_references(cfg: Any, spec: str, stack: tuple = ()) -> None:
         dep = load_config(value)
       except c.ConfigError as e:
         raise c.ConfigError(f"{where}{key}={value}: {e}") from None
-      check_references(dep, value, here)
+      check_references(dep, value, here, paths)
     elif _REF_SHAPE.match(value):
       raise c.ConfigError(f"{where}{key}={value}: experiment file {split_spec(value)[0]} not found")
-    elif (problem := path_problem(value)) is not None:
+    elif paths and (problem := path_problem(value)) is not None:
       raise c.ConfigError(f"{where}{key}: {problem}")
 
 

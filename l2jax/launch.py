@@ -8,6 +8,7 @@ non-run directories, one launch at a time, litter removed, config.json from the 
 directory, never removes anything a stage wrote); replaces each reference by its run's final/ (running missing
 dependencies first, in this process; `--no-deps` makes that an error); runs the config's stage.
 `--print-config` prints the config as written, references unresolved; config.json holds the resolved paths.
+`--aot ACCELERATOR [--slices N]` compiles the stage's programs for a TPU slice instead of running (l2jax/aot.py).
 Errors are one line (exit 2 for a bad config or reference, 1 otherwise; L2JAX_TRACEBACK=1 shows tracebacks). The
 first Ctrl-C stops the run (exit 130) with one line; another one exits at once.
 """
@@ -36,7 +37,7 @@ def launch(spec: str, sets: list[str] | tuple = (), run_dir: str | Path | None =
   cycle), LaunchError (refused run directory, held lock, failed dependency) or the stage's own error.
   """
   cfg = load_config(spec, sets)
-  check_references(cfg, spec, _stack)
+  check_references(cfg, spec, _stack, paths=not check_sharding)
   stack = _stack + ((_key(spec), spec),)
   run_dir = Path(run_dir) if run_dir is not None else default_run_dir(spec)
   with RunDir(run_dir, cfg) as rd:
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                   help="a referenced experiment whose final/ is missing is an error instead of being run first")
   ap.add_argument("--check-sharding", action="store_true",
                   help="run a few steps on the configured mesh and on one device and compare gradients")
+  ap.add_argument("--aot", metavar="ACCELERATOR", default=None,
+                  help="compile every program of the stage for a Cloud TPU slice (e.g. v5p-128) with the TPU compiler "
+                       "and print its per-chip memory; loads and writes nothing (aot.json with --run-dir); l2jax/aot.py")
+  ap.add_argument("--slices", type=int, default=1, help="with --aot: compile for this many slices (multi-slice)")
   ap.add_argument("--print-config", action="store_true",
                   help="print the config (experiment references as written) and exit")
   args = ap.parse_args(argv)
@@ -87,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
       print(c.to_json(load_config(args.experiment, args.set)))
       return 0
+    if args.aot:
+      from l2jax import aot
+      cfg = load_config(args.experiment, args.set)
+      check_references(cfg, args.experiment, paths=False)
+      return aot.run(cfg, args.experiment, args.aot, args.slices, args.run_dir)
     _stop_on_ctrl_c()
     if not traceback:
       from l2jax.checkpoint import quiet_orbax

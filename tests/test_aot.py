@@ -79,6 +79,31 @@ def test_program_that_does_not_fit_exits_1_naming_it():
   assert "micro_batch" in err[0] and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
+def test_ppo_and_rejection_programs_through_the_launcher(tmp_path):
+  pytest.importorskip("libtpu")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "L2JAX_RUNS": str(tmp_path / "runs")}
+  for exp, acc, sets, progs in (("experiments/ppo.py:test", "v5e-8", [], {"generate", "score", "update"}),
+                                ("experiments/rejection.py:test", "v5p-8", ["--set", "global_batch=4"],
+                                 {"generate", "train_step"})):
+    out = tmp_path / exp.split("/")[1].replace(".py:", "-")
+    r = subprocess.run([sys.executable, "-m", "l2jax.launch", exp, "--aot", acc, "--run-dir", str(out), *sets],
+                       cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((out / "aot.json").read_text())["programs"]
+    assert {p["program"] for p in rows} == progs and all(0 < p["peak"] < 16 * aot.GiB for p in rows)
+    assert sorted(os.listdir(out)) == ["aot.json"]
+  assert not (tmp_path / "runs").exists()   # no dependency was built: abstract shapes only
+
+
+def test_a_batch_that_does_not_split_over_the_slice_is_one_line():
+  pytest.importorskip("libtpu")
+  r = subprocess.run([sys.executable, "-m", "l2jax.launch", "experiments/rejection.py:test", "--aot", "v5p-8"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 2 and "do not split over the 4 batch shards" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_unknown_accelerator_is_one_line():
   r = subprocess.run([sys.executable, "-m", "l2jax.aot", "experiments/pretrain.py:test", "v9-8"], cwd=ROOT,
                      capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -236,3 +236,20 @@ def test_heldout_answers_are_a_stratified_sample_not_the_first_n():
   ev = stats["heldout"]["eval_set"]
   assert len(held) == cfg.prompts.eval_prompts == ev["prompts"]
   assert 0.25 <= ev["safety_share"] <= 0.75 and len(ev["by_stratum"]) >= 3
+
+
+def test_context_distillation_keeps_the_skipped_bad_count(tmp_path):
+  import dataclasses
+  import json as js
+  from l2jax.data.tokenizer import Tokenizer
+  from l2jax.launch import load_experiment
+  from l2jax.stages import rejection as R
+  f = tmp_path / "p.jsonl"
+  lines = [js.dumps({"messages": [{"role": "user", "content": f"question {i}?"}], "safety": True}) for i in range(6)]
+  f.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+  cfg = load_experiment("experiments/rejection.py:test")[0]
+  cfg = dataclasses.replace(cfg, mode="context_distillation",
+                            prompts=dataclasses.replace(cfg.prompts, sources=(f"jsonl:{f}",), skip_bad=True,
+                                                        heldout_fraction=0.0))
+  _, _, _, stats = R._prompts(cfg, Tokenizer("data/llama2-tokenizer/tokenizer.model"))
+  assert stats["train"]["skipped_bad"] == 1 and stats["train"]["kept"] == 6

@@ -209,7 +209,7 @@ def test_tiny_experiment_through_the_launcher_and_the_api(tmp_path, exp, objecti
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
   assert any("eval/helpful-base-test_held-out/accuracy" in r for r in rows)
   summary = json.loads((tmp_path / "data_summary.json").read_text())
-  assert summary["steps"] == 4 and summary["train_pairs"] > 2000
+  assert summary["steps"] == 4 and summary["train_pairs"] > 1000 and summary["part"] == "trainer"
 
   rm = l2jax.reward.load(final, batch_size=4)
   dialogs = ["How do I bake bread?", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},

@@ -84,6 +84,20 @@ def _cast(tree, dtype: str):
                       else np.asarray(a), tree)
 
 
+def model_graphs(cfg: c.PPO, pol_cfg, value_cfg, rm_cfgs: dict) -> tuple[dict, dict]:
+  """(graphdefs, logical axes) of policy, reference, value model and both reward models; the frozen ones
+  compute in cfg.frozen_dtype."""
+  frozen = {"dtype": cfg.frozen_dtype, "param_dtype": cfg.frozen_dtype, "remat": "none"}
+  graphdefs, axes = {}, {}
+  graphdefs["policy"] = llama.split(llama.abstract(pol_cfg))[0]
+  axes["policy"] = axes["ref"] = llama.logical_axes(llama.abstract(pol_cfg))
+  graphdefs["ref"] = llama.split(llama.abstract(pol_cfg.replace(**frozen)))[0]
+  graphdefs["value"], axes["value"] = _scalar_graph(value_cfg)
+  for name, rcfg in rm_cfgs.items():
+    graphdefs[name], axes[name] = _scalar_graph(rcfg.replace(**frozen))
+  return graphdefs, axes
+
+
 def load_models(cfg: c.PPO) -> Models:
   """Policy (= reference), value model and both reward models, as host arrays; shapes and vocabularies checked."""
   numerics = {k: getattr(cfg.model, k) for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl")}
@@ -95,7 +109,6 @@ def load_models(cfg: c.PPO) -> Models:
   if not tok_path.is_file():
     raise FileNotFoundError(f"{tok_path}: the policy checkpoint has no tokenizer.model")
   tok = Tokenizer(tok_path)
-  frozen = {"dtype": cfg.frozen_dtype, "param_dtype": cfg.frozen_dtype, "remat": "none"}
   rms, rm_cfgs = {}, {}
   for name, d in (("rm_helpful", cfg.reward_models.helpful), ("rm_safety", cfg.reward_models.safety)):
     if not d:
@@ -111,13 +124,7 @@ def load_models(cfg: c.PPO) -> Models:
     value_cfg = pol_cfg
     head = llama.split(heads.ScalarHead(pol_cfg.dim, rngs=nnx.Rngs(params=cfg.seed + 1)))[1]
     value = {"backbone": heads.backbone_params(pol), "head": jax.device_get(head)}
-  graphdefs, axes = {}, {}
-  graphdefs["policy"] = llama.split(llama.abstract(pol_cfg))[0]
-  axes["policy"] = axes["ref"] = llama.logical_axes(llama.abstract(pol_cfg))
-  graphdefs["ref"] = llama.split(llama.abstract(pol_cfg.replace(**frozen)))[0]
-  graphdefs["value"], axes["value"] = _scalar_graph(value_cfg)
-  for name, rcfg in rm_cfgs.items():
-    graphdefs[name], axes[name] = _scalar_graph(rcfg.replace(**frozen))
+  graphdefs, axes = model_graphs(cfg, pol_cfg, value_cfg, rm_cfgs)
   host = {"policy": _cast(pol, pol_cfg.param_dtype), "ref": _cast(pol, cfg.frozen_dtype),
           "value": _cast(value, value_cfg.param_dtype),
           **{k: _cast(v, cfg.frozen_dtype) for k, v in rms.items()}}
@@ -189,6 +196,7 @@ class Programs:
   samples: int
   abstract_state: Any
   init_state: Any           # params {"policy", "value"} -> a fresh state
+  frozen_shardings: Any = None
 
 
 def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
@@ -240,14 +248,16 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
     metrics["loss"] = metrics["policy_loss"] + metrics["value_loss"]
     return new, metrics
 
-  with shd.use_rules(mesh, rules):
-    frozen = {k: shd.put(m.host[k], f_sh[k]) for k in f_sh}
+  frozen = None   # abstract models (ahead-of-time compilation, l2jax.aot): nothing is placed
+  if not isinstance(jax.tree.leaves(m.host["ref"])[0], jax.ShapeDtypeStruct):
+    with shd.use_rules(mesh, rules):
+      frozen = {k: shd.put(m.host[k], f_sh[k]) for k in f_sh}
   return Programs(
       generate=jax.jit(gen_fn, in_shardings=(p_sh["policy"], None, rep, rep, rep)),
       score=jax.jit(score_fn, in_shardings=(p_sh, f_sh, None, None)),
       update=jax.jit(update_fn, in_shardings=(st_sh, None), out_shardings=(st_sh, None), donate_argnums=0),
       mesh=mesh, state_shardings=st_sh, frozen=frozen, threshold_logit=thr, samples=k,
-      abstract_state=abstract_state, init_state=init_state)
+      abstract_state=abstract_state, init_state=init_state, frozen_shardings=f_sh)
 
 
 class PPOStep:

@@ -220,7 +220,8 @@ def _prompts(cfg: c.Rejection, tok):
   allp = pr.read_prompts(cfg.prompts.sources, skip_bad=cfg.prompts.skip_bad, errors=errors)
   train, held = pr.split_heldout(allp, cfg.prompts.heldout_fraction)
   if cfg.mode == "context_distillation":
-    train = [p for p in train if p.is_safety]
+    train = pr.Prompts(p for p in train if p.is_safety)
+    train.stats = getattr(allp, "stats", {})   # the read's counts (skipped_bad) stay with the subset
   ids, train, st_train = pr.encode_prompts(tok, train, cfg.prompts.max_prompt_tokens, cfg.prompts.system)
   if cfg.max_prompts:  # a deterministic mix of the sources: the first N in the order of crc32(key)
     order = sorted(range(len(train)), key=lambda i: zlib.crc32(train[i].key.encode()))[:cfg.max_prompts]
