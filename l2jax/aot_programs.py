@@ -159,7 +159,11 @@ def rejection_programs(cfg, mesh, devices) -> list[Program]:
   if cfg.sample_dtype:
     model_cfg = model_cfg.replace(dtype=cfg.sample_dtype)
   host = [d for d in devices if d.process_index == devices[0].process_index]
-  host_mesh = shd.make_mesh(1, -1, cfg.mesh.tensor if len(host) % cfg.mesh.tensor == 0 else 1, devices=host)
+  try:   # as the stage builds it: the configured data / fsdp / tensor sizes over one host's chips
+    host_mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=host)
+  except ValueError as e:
+    raise AotError(f"rejection sampling runs on each host's {len(host)} chips: {e}; set mesh.tensor to at most "
+                   f"{len(host)}") from None
   rows = cfg.batch_prompts * cfg.samples_per_prompt
   rows = -(-rows // len(host)) * len(host)
   progs = [generate_program(model_cfg, host_mesh, rows, cfg.prompts.max_prompt_tokens, cfg.max_new_tokens,

@@ -201,14 +201,18 @@ def test_sharded_sampling_equals_one_device(models):
   assert len(jax.devices()) == 8
   out = {}
   for n in (1, 8):
-    cfg, sampler, scorer, prompts, ids = _setup(models, jax.devices()[:n])
+    cfg, sampler, scorer, prompts, ids = _setup(models, jax.devices()[:n], keep_truncated=True)
     out[n] = rj.sample_records(sampler, scorer, cfg, ids, prompts, k=2, temperature=1.0, tag="samples", model="m")
+  chosen = []
   for a, b in zip(out[1], out[8]):
     assert [s["text"] for s in a["samples"]] == [s["text"] for s in b["samples"]]
     np.testing.assert_allclose([s["reward"] for s in a["samples"]], [s["reward"] for s in b["samples"]], rtol=1e-5)
     assert a["chosen"] == b["chosen"]
-    rewards = [s["reward"] for s in a["samples"]]
-    assert a["chosen"] == int(np.argmax(rewards))
+    ok = [bon.usable(s, cfg.keep_truncated) for s in a["samples"]]   # 4-token answers: cut off, kept here
+    rewards = [s["reward"] if u else -np.inf for s, u in zip(a["samples"], ok)]
+    assert a["chosen"] == (int(np.argmax(rewards)) if any(ok) else -1)   # the best usable sample, or none
+    chosen.append(a["chosen"])
+  assert max(chosen) >= 0   # the selection was exercised
     assert len({s["text"] for s in a["samples"]}) > 1  # K different samples (distinct seeds)
 
 
