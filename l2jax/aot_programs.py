@@ -87,7 +87,8 @@ def train_programs(cfg, mesh, loss_fn, abstract_params, axes, batch_shapes: dict
   fn = jax.jit(step_fn, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
   note = f"{cfg.global_batch} rows, {micro} micro-batch(es)"
   out = [Program("train_step", fn, (_abstract(abstract_state, st_sh), batch), mesh, shd.TRAIN_RULES, note)]
-  if eval_fn is not None:
+  if eval_fn is not None:   # the held-out pass, accumulated as the stages' eval hook does
+    eval_fn = train.make_eval_step(eval_fn, micro)
     p_sh = st_sh["params"]
     e_sh, e_batch = _batch(mesh, shd.TRAIN_RULES, eval_shapes or batch_shapes)
     out.append(Program("eval_step", jax.jit(eval_fn, in_shardings=(p_sh, e_sh)),

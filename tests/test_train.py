@@ -247,3 +247,20 @@ def test_tokens_per_s_ignores_evaluations(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
   assert len(rates) == 6 and all(5000 / 3 < r < 5000 * 2 for r in rates), rates
+
+
+def test_micro_batched_evaluation_equals_one_piece():
+  _, graphdef, params, _ = _setup()
+  loss_fn = lm_loss_fn(graphdef)
+  batch = _batch(np.random.default_rng(3))
+  whole = jax.jit(loss_fn)(params, batch)
+  for k in (2, 4):
+    acc = jax.jit(train.make_eval_step(loss_fn, k))(params, batch)
+    np.testing.assert_allclose(float(acc[0]), float(whole[0]), rtol=1e-6)
+    assert float(acc[1]) == float(whole[1])
+  short = {key: v[:6] for key, v in batch.items()}   # 6 rows, 4 micro-batches: evaluated in one piece
+  np.testing.assert_allclose(float(jax.jit(train.make_eval_step(loss_fn, 4))(params, short)[0]),
+                             float(jax.jit(loss_fn)(params, short)[0]), rtol=1e-6)
+  # the scan really splits: its jaxpr holds a scan of k steps over [m, T] rows
+  jaxpr = str(jax.make_jaxpr(train.make_eval_step(loss_fn, 4))(params, batch))
+  assert "scan" in jaxpr and "length=4" in jaxpr

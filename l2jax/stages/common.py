@@ -99,11 +99,17 @@ def model_setup(model_cfg, init_dir: str, mesh, tokenizer_path: str, seed: int) 
   return Setup(mesh, model_cfg, tokenizer, graphdef, axes, abstract_params, init_params)
 
 
-def make_eval_hook(loss_fn, setup: Setup, batches_fn, n_batches: int, every: int):
-  """Hook: held-out loss and perplexity over the first `n_batches` held-out batches (the same ones each time)."""
+def micro_batches(cfg) -> int:
+  """Accumulation steps per optimizer step: global_batch / micro_batch (1 without micro_batch)."""
+  return cfg.global_batch // cfg.micro_batch if cfg.micro_batch else 1
+
+
+def make_eval_hook(loss_fn, setup: Setup, batches_fn, n_batches: int, every: int, micro_batches: int = 1):
+  """Hook: held-out loss and perplexity over the first `n_batches` held-out batches (the same ones each time),
+  each evaluated in `micro_batches` sequential micro-batches as the train step accumulates (train.make_eval_step)."""
   mesh = setup.mesh
   p_sh = shd.tree_shardings(setup.param_axes, mesh, shd.TRAIN_RULES, setup.abstract_params)
-  eval_fn = jax.jit(loss_fn, in_shardings=(p_sh, None))
+  eval_fn = jax.jit(train.make_eval_step(loss_fn, micro_batches), in_shardings=(p_sh, None))
   fixed: list = []
 
   def hook(step, state):
@@ -146,7 +152,7 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
   training FLOPs per token); a stage whose rows differ (reward pairs: 2 rows each, no LM head) passes its own.
   """
   mesh = setup.mesh
-  micro = cfg.global_batch // cfg.micro_batch if cfg.micro_batch else 1
+  micro = micro_batches(cfg)
   if cfg.micro_batch and cfg.global_batch % cfg.micro_batch:
     raise ValueError(f"global_batch={cfg.global_batch} is not a multiple of micro_batch={cfg.micro_batch}")
   optimizer = train.make_optimizer(cfg.optim, cfg.steps)

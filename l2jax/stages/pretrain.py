@@ -14,7 +14,8 @@ import jax
 
 from l2jax import config as c
 from l2jax import sharding as shd
-from l2jax.stages.common import lm_loss_fn, make_eval_hook, model_setup, run_lm, sharding_report, split_documents
+from l2jax.stages.common import (lm_loss_fn, make_eval_hook, micro_batches, model_setup, run_lm, sharding_report,
+                                 split_documents)
 
 __all__ = ["run", "lm_loss_fn"]
 
@@ -73,7 +74,7 @@ def run(cfg: c.Pretrain, run_dir: Path, check_sharding: bool = False):
   eval_hook = None
   if eval_src is not None and cfg.eval_every > 0:
     eval_hook = make_eval_hook(loss_fn, setup, lambda: batches(eval_src, shuffle=False, epochs=1), cfg.eval_batches,
-                               cfg.eval_every)
+                               cfg.eval_every, micro_batches(cfg))
   result = run_lm(cfg, run_dir, setup, loss_fn, batches(train_src), eval_hook)
   if jax.process_index() == 0:
     (Path(run_dir) / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")

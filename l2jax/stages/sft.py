@@ -24,8 +24,8 @@ from l2jax import sharding as shd
 from l2jax import train
 from l2jax.data import dialogs as dl
 from l2jax.data import dialog_packing as dp
-from l2jax.stages.common import (Subset, lm_loss_fn, make_eval_hook, model_setup, run_lm, sharding_report,
-                                 split_documents)
+from l2jax.stages.common import (Subset, lm_loss_fn, make_eval_hook, micro_batches, model_setup, run_lm,
+                                 sharding_report, split_documents)
 
 __all__ = ["run", "open_data", "prepare"]
 
@@ -150,7 +150,7 @@ def run(cfg: c.SFT, run_dir: Path, check_sharding: bool = False):
   eval_hook = None
   if prep.eval is not None and len(prep.eval) and cfg.eval_every > 0:
     eval_hook = make_eval_hook(loss_fn, setup, lambda: batches(prep.eval, shuffle=False, epochs=1, num_batches=None),
-                               cfg.eval_batches, cfg.eval_every)
+                               cfg.eval_batches, cfg.eval_every, micro_batches(cfg))
   sample_hook = make_sample_hook(cfg, setup, prep.eval_records, Path(run_dir), prep.steps)
   return run_lm(cfg_run, Path(run_dir), setup, loss_fn, batches(prep.train), eval_hook,
                 hooks=(sample_hook,) if sample_hook else ())
