@@ -296,3 +296,14 @@ def test_rejection_test_experiment_runs_through_the_launcher_from_an_empty_run_d
   for name in ("figure7.png", "figure8.png", "heldout_reward.png", "summary.md", "final/config.json"):
     assert (run_dir / name).is_file(), name
   assert "held-out reward before" in (run_dir / "summary.md").read_text()
+  # one-token answers are cut off or empty: without keep_truncated nothing is usable, whatever is sampled, and the
+  # version is its starting checkpoint unchanged (one line), not a failed pipeline
+  empty_dir = tmp_path / "runs" / "rejection-test-nothing-usable"
+  p = subprocess.run([sys.executable, "-m", "l2jax.launch", "experiments/rejection.py:test", "--run-dir",
+                      str(empty_dir), "--set", "keep_truncated=false", "--set", "temperatures=",
+                      "--set", "max_new_tokens=1"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0 and "final/ is the starting checkpoint" in p.stderr, p.stderr[-3000:]
+  rep = json.loads((empty_dir / "rejection.json").read_text())
+  assert rep["pool_empty"] and rep["samples"]["usable"] == 0 and (empty_dir / "final/config.json").is_file()
+  assert json.loads((empty_dir / "final/final_step.json").read_text()) == {"step": 0}

@@ -341,6 +341,27 @@ def _write_report(cfg, run_dir: Path, report: dict, temperature: float) -> None:
     (run_dir / "summary.md").write_text(_summary(cfg, report, temperature))
 
 
+def _unchanged(cfg: c.Rejection, init: str, run_dir: Path, report: dict, temperature: float):
+  """No usable answer to fine-tune on: this version is its starting checkpoint `init`, copied to final/ (step 0),
+  said in one line and recorded (rejection.json["pool_empty"])."""
+  import os
+  import shutil
+  from l2jax import train
+  from l2jax.stages.common import FINAL_STEP
+  _log(f"no usable answer in this iteration (rejection.json['samples']): nothing to fine-tune on, so final/ is "
+       f"the starting checkpoint {init} unchanged")
+  report.update(pool_empty=True, summary="no usable answer: final/ is the starting checkpoint unchanged")
+  _write_report(cfg, run_dir, report, temperature)
+  if jax.process_index() == 0:
+    tmp = run_dir / ".final.tmp-new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(init, tmp)
+    (tmp / FINAL_STEP).write_text(json.dumps({"step": 0}) + "\n")
+    shutil.rmtree(run_dir / "final", ignore_errors=True)
+    os.replace(tmp, run_dir / "final")
+  return train.RunResult(0, "done", None, {})
+
+
 def run(cfg: c.Rejection, run_dir: Path, check_sharding: bool = False):
   shd.initialize_distributed()
   run_dir = Path(run_dir)
@@ -377,8 +398,10 @@ def run(cfg: c.Rejection, run_dir: Path, check_sharding: bool = False):
     pool, report["pool_merge"] = bon.build_pool(previous, [], cfg.keep_truncated)
   report["pool_size"] = len(pool)
   _write_report(cfg, run_dir, report, temperature)
-  if not pool:
+  if not pool and not cfg.sampler:
     raise ValueError(f"the pool is empty: nothing to fine-tune on (no usable answers; {run_dir / 'summary.md'})")
+  if not pool:   # every sample empty or cut off: sampling noise must not decide whether a pipeline finishes
+    return _unchanged(cfg, init, run_dir, report, temperature)
   if jax.process_index() == 0:
     offline.write_jsonl_atomic(pool_path, pool)
   before = _heldout(sampler, scorer, cfg, ids_by_key, held, run_dir, "heldout_before", before_model) if held else None
