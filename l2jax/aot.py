@@ -14,8 +14,10 @@ megacore device per chip), `v5e-N` / `v5litepod-N` and `v6e-N` count chips. Per-
 v5p 95 GiB, v6e 32 GiB. `--slices N` compiles for N such slices joined by the data-center network; the mesh's
 `dcn` axis is then N (data parallelism across slices).
 
-Peak per chip = arguments + outputs - aliased + temporaries (what must be live at once). A program whose peak
-exceeds the chip's HBM is a failure: exit 1, naming the program, its peak, the HBM and the knobs.
+Peak per chip = arguments + outputs - aliased + temporaries (what the program itself needs at once); live =
+peak + resident, where resident is what other programs of the stage keep in HBM meanwhile (the optimizer state
+during the evaluation pass; PPO's frozen models and training state during generation). A program whose live
+bytes exceed the chip's HBM is a failure: exit 1, naming the program, its bytes, the HBM and the knobs.
 """
 from __future__ import annotations
 
@@ -95,6 +97,7 @@ def quiet_libtpu(acc: Accelerator | None = None) -> None:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", acc.name if acc else "v5litepod-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compiling only: several compiles may run at once
   import jax
   if "JAX_PLATFORMS" not in os.environ:
     jax.config.update("jax_platforms", "cpu")
@@ -126,6 +129,17 @@ class Program:
   mesh: Any
   rules: Any
   note: str = ""
+  resident: int = 0   # per-chip bytes that stay live in HBM while this program runs but are not its arguments
+
+
+def chip_bytes(tree: Any) -> int:
+  """Per-chip bytes of a tree of ShapeDtypeStructs carrying shardings (the largest shard of each leaf)."""
+  import numpy as np
+  total = 0
+  for x in __import__("jax").tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
 
 
 _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64|c64)\[([0-9,]*)\]")
@@ -176,8 +190,9 @@ def compile_program(p: Program) -> dict[str, Any]:
   mem = compiled.memory_analysis()
   args, outs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
   alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
+  peak = args + outs - alias + temp
   return {"program": p.name, "arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
-          "peak": args + outs - alias + temp, "compile_s": round(seconds, 2),
+          "peak": peak, "resident": p.resident, "live": peak + p.resident, "compile_s": round(seconds, 2),
           "collectives": collectives(compiled.as_text()), "note": p.note}
 
 
@@ -193,6 +208,7 @@ def _refused(p: Program, e: Exception, seconds: float) -> dict[str, Any]:
     raise e
   need = int(float(m.group(2)) * _UNIT[m.group(3)])
   return {"program": p.name, "arguments": 0, "outputs": 0, "aliased": 0, "temporaries": need, "peak": need,
+          "resident": p.resident, "live": need + p.resident,
           "compile_s": round(seconds, 2), "collectives": {op: {"count": 0, "bytes": 0} for op in COLLECTIVES},
           "note": f"refused by the compiler: {m.group(1)} need {m.group(2)}{m.group(3)}iB "
                   f"> {m.group(4)}{m.group(5)}iB available", "refused": True}
@@ -200,16 +216,17 @@ def _refused(p: Program, e: Exception, seconds: float) -> dict[str, Any]:
 
 def format_table(rows: list[dict], acc: Accelerator) -> str:
   gib = lambda b: f"{b / GiB:.2f}"
-  head = (f"{'program':<26} {'args':>8} {'outputs':>8} {'temps':>8} {'peak GiB':>9} {'HBM':>5} {'fits':>4} "
-          f"{'compile s':>9}  collectives (count / MiB; a scan body counted once)")
+  head = (f"{'program':<14} {'args':>7} {'outputs':>7} {'temps':>7} {'peak':>7} {'+resident':>9} {'live GiB':>8} "
+          f"{'HBM':>4} {'fits':>4} {'compile s':>9}  collectives (count / MiB; a scan body counted once)")
   lines = [head, "-" * len(head)]
   for r in rows:
     coll = ", ".join(f"{op} {v['count']}/{v['bytes'] / 2 ** 20:.1f}" for op, v in r["collectives"].items()
                      if v["count"])
-    fits = r["peak"] <= acc.hbm_bytes and not r.get("refused")
-    lines.append(f"{r['program']:<26} {gib(r['arguments']):>8} {gib(r['outputs']):>8} {gib(r['temporaries']):>8} "
-                 f"{gib(r['peak']):>9} {acc.hbm_gib:>5.0f} {'yes' if fits else 'NO':>4} "
-                 f"{r['compile_s']:>9.1f}  {r['note'] if r.get('refused') else coll or '-'}")
+    fits = r["live"] <= acc.hbm_bytes and not r.get("refused")
+    lines.append(f"{r['program']:<14} {gib(r['arguments']):>7} {gib(r['outputs']):>7} {gib(r['temporaries']):>7} "
+                 f"{gib(r['peak']):>7} {gib(r['resident']):>9} {gib(r['live']):>8} {acc.hbm_gib:>4.0f} "
+                 f"{'yes' if fits else 'NO':>4} {r['compile_s']:>9.1f}  "
+                 f"{r['note'] if r.get('refused') else coll or '-'}")
   return "\n".join(lines)
 
 
@@ -246,10 +263,10 @@ def run(cfg: Any, spec: str, accelerator: str, slices: int = 1, run_dir: str | P
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, path)
     print(f"wrote {path}", file=out)
-  bad = [r for r in rows if r.get("refused") or r["peak"] > acc.hbm_bytes]
+  bad = [r for r in rows if r.get("refused") or r["live"] > acc.hbm_bytes]
   for r in bad:
     at_least = "at least " if r.get("refused") else ""
-    print(f"error: {r['program']} does not fit on {acc.name}: peak {at_least}{r['peak'] / GiB:.2f} GiB per chip > "
+    print(f"error: {r['program']} does not fit on {acc.name}: peak {at_least}{r['live'] / GiB:.2f} GiB per chip > "
           f"{acc.hbm_gib:.0f} GiB HBM; try {KNOBS}", file=sys.stderr)
   return 1 if bad else 0
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from l2jax import sharding as shd
 from l2jax import train
-from l2jax.aot import AotError, Program
+from l2jax.aot import AotError, Program, chip_bytes
 from l2jax.model import llama
 from l2jax.model.config import LlamaConfig
 
@@ -91,8 +91,10 @@ def train_programs(cfg, mesh, loss_fn, abstract_params, axes, batch_shapes: dict
     eval_fn = train.make_eval_step(eval_fn, micro)
     p_sh = st_sh["params"]
     e_sh, e_batch = _batch(mesh, shd.TRAIN_RULES, eval_shapes or batch_shapes)
-    out.append(Program("eval_step", jax.jit(eval_fn, in_shardings=(p_sh, e_sh)),
-                       (_abstract(abstract_state["params"], p_sh), e_batch), mesh, shd.TRAIN_RULES))
+    params = _abstract(abstract_state["params"], p_sh)
+    state = _abstract(abstract_state, st_sh)
+    out.append(Program("eval_step", jax.jit(eval_fn, in_shardings=(p_sh, e_sh)), (params, e_batch), mesh,
+                       shd.TRAIN_RULES, resident=chip_bytes(state) - chip_bytes(params)))
   return out
 
 
@@ -123,8 +125,10 @@ def reward_programs(cfg, mesh) -> list[Program]:
   p_sh = shd.tree_shardings(axes, mesh, shd.TRAIN_RULES, params)
   e_sh, e = _batch(mesh, shd.TRAIN_RULES, {"tokens": ((E, 2, T), jnp.int32), "mask": ((E, 2, T), jnp.int32)})
   score = jax.jit(pair_scores_fn(graphdef), in_shardings=(p_sh, e_sh["tokens"], e_sh["mask"]))
+  train_state = progs[0].args[0]
   progs.append(Program("score_step", score, (_abstract(params, p_sh), e["tokens"], e["mask"]), mesh,
-                       shd.TRAIN_RULES, f"{E} pairs"))
+                       shd.TRAIN_RULES, f"{E} pairs",
+                       resident=chip_bytes(train_state) - chip_bytes(train_state["params"])))
   return progs
 
 
@@ -212,10 +216,13 @@ def ppo_programs(cfg, mesh) -> list[Program]:
     resp = jax.eval_shape(progs.generate, *gen_args)
     ro = jax.eval_shape(progs.score, state["params"], frozen, batch, resp)[0]
   rows = f"{B} prompts x ({L} + {cfg.max_new_tokens}) tokens"
-  return [Program("generate", progs.generate, gen_args, mesh, shd.TRAIN_RULES, rows),
-          Program("score", progs.score, (state["params"], frozen, batch, resp), mesh, shd.TRAIN_RULES, rows),
+  everything = chip_bytes(state) + chip_bytes(frozen)   # live for the whole run: trained state and frozen models
+  return [Program("generate", progs.generate, gen_args, mesh, shd.TRAIN_RULES, rows,
+                  resident=everything - chip_bytes(state["params"]["policy"])),
+          Program("score", progs.score, (state["params"], frozen, batch, resp), mesh, shd.TRAIN_RULES, rows,
+                  resident=everything - chip_bytes(state["params"]) - chip_bytes(frozen)),
           Program("update", progs.update, (state, ro), mesh, shd.TRAIN_RULES,
-                  f"{cfg.ppo_epochs} epoch(s) of {B // cfg.minibatch} mini-batches")]
+                  f"{cfg.ppo_epochs} epoch(s) of {B // cfg.minibatch} mini-batches", resident=chip_bytes(frozen))]
 
 
 def programs(cfg, devices) -> list[Program]:
