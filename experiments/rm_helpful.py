@@ -21,7 +21,6 @@ Every variant trains on the "trainer" half of the training conversations (data.p
 train policies); `<size>-judge` (e.g. `tiny-judge`) is the same on the "judge" half: the held-out judge that
 scores the iterative-RLHF versions (docs/rlhf.md). `--set data.part=all` trains on both halves.
 """
-import dataclasses
 
 from l2jax import config as c
 from l2jax.model import presets
@@ -33,18 +32,7 @@ HH_TEST = ("hh:data/hh-rlhf/helpful-base-test.jsonl.gz", "hh:data/hh-rlhf/harmle
 
 
 def get_config(arg: str | None = None) -> c.RewardModel:
-  size, role = _split(arg or "tiny")
-  cfg = _sized(size)
-  return dataclasses.replace(cfg, name=cfg.name + ("-judge" if role == "judge" else ""),
-                             data=dataclasses.replace(cfg.data, part=role))
-
-
-def _split(arg: str) -> tuple[str, str]:
-  """'tiny' -> ('tiny', 'trainer'); 'tiny-judge' -> ('tiny', 'judge')."""
-  size, _, role = arg.partition("-")
-  if role not in ("", "judge"):
-    raise ValueError(f"unknown variant {arg!r}; choose <size> or <size>-judge (size: tiny, test, {', '.join(SIZES)})")
-  return size, role or "trainer"
+  return c.reward_model_variant(arg or "tiny", _sized, SIZES)
 
 
 def _sized(size: str) -> c.RewardModel:

@@ -100,4 +100,18 @@ class RewardModel:
       raise ValueError(f"epochs={self.epochs}, steps={self.steps}: set a positive number of epochs or steps")
 
 
-__all__ = ["Preferences", "RewardModel"]
+
+def reward_model_variant(arg: str, sized, sizes) -> RewardModel:
+  """The config of experiment variant `arg` of a reward-model experiment: "<size>" trains on the trainer half of
+  the preference data (these models train the policy), "<size>-judge" on the judge half (the held-out judges of
+  the versions evaluation); `sized(size)` builds the size's config, `sizes` names the paper sizes for errors."""
+  size, _, role = arg.partition("-")
+  if role not in ("", "judge"):
+    raise ValueError(f"unknown variant {arg!r}; choose <size> or <size>-judge (size: tiny, test, {', '.join(sizes)})")
+  role = role or "trainer"
+  cfg = sized(size)
+  return dataclasses.replace(cfg, name=cfg.name + ("-judge" if role == "judge" else ""),
+                             data=dataclasses.replace(cfg.data, part=role))
+
+
+__all__ = ["Preferences", "RewardModel", "reward_model_variant"]
