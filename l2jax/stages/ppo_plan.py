@@ -102,10 +102,15 @@ def plan(cfg, n_devices: int) -> dict:
   phases["score"] = {"logits of policy and reference (one chunk)": 2 * 3 * 4.0 * chunk_rows * T * vocab}
   micro_rows = max((cfg.micro_batch or cfg.minibatch) // batch_shards, 1)
   saved = pol.n_layers if pol.remat != "none" else pol.n_layers * 8
+  # the TPU compiler (l2jax.aot, docs/tpu.md) showed the first version of this phase 15 GiB low at 70B: it left
+  # out the value model's activations and, with micro-batches, the float32 accumulators beside each gradient
+  grads = tree_bytes(pp, pa, mesh, R, "float32") + tree_bytes(vp, va, mesh, R, "float32")
   phases["train"] = {"policy gradients": tree_bytes(pp, pa, mesh, R),
                      "value gradients": tree_bytes(vp, va, mesh, R),
-                     "activations (one micro-batch)": saved * micro_rows * T * pol.dim * cd
-                                                      + 3 * 4.0 * micro_rows * T * vocab}
+                     "gradient accumulators (micro-batches)": grads if cfg.micro_batch else 0.0,
+                     "policy activations (one micro-batch)": saved * micro_rows * T * pol.dim * cd
+                                                             + 3 * 4.0 * micro_rows * T * vocab,
+                     "value activations (one micro-batch)": saved * micro_rows * T * val.dim * cd}
   resident = sum(items.values())
   peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
   peak = resident + sum(phases[peak_phase].values())
