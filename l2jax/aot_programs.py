@@ -139,6 +139,9 @@ def generate_program(model_cfg: LlamaConfig, mesh, rows: int, prompt_len: int, m
   from l2jax.sample import _bucket, _generate, _row_keys
   abstract = llama.abstract(model_cfg)
   graphdef, params = llama.split(abstract)
+  dt = jnp.dtype(model_cfg.dtype)   # the Sampler casts the weights to the compute dtype once, before placing them
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt if jnp.issubdtype(a.dtype, jnp.floating)
+                                                       else a.dtype), params)
   p_sh = shd.tree_shardings(llama.logical_axes(abstract), mesh, shd.SAMPLE_RULES, params)
   cache_len = min(max(prompt_len, _bucket(prompt_len + max_new_tokens, 16)), model_cfg.max_seq_len)
   b_sh, b = _batch(mesh, shd.SAMPLE_RULES, {"tokens": ((rows, prompt_len), jnp.int32), "lens": ((rows,), jnp.int32),
