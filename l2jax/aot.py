@@ -193,7 +193,8 @@ def compile_program(p: Program) -> dict[str, Any]:
   peak = args + outs - alias + temp
   return {"program": p.name, "arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
           "peak": peak, "resident": p.resident, "live": peak + p.resident, "compile_s": round(seconds, 2),
-          "collectives": collectives(compiled.as_text()), "note": p.note}
+          "collectives": collectives(hlo := compiled.as_text()), "note": p.note,
+          "tpu_kernels": hlo.count('custom_call_target="tpu_custom_call"')}
 
 
 _UNIT = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}

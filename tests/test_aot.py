@@ -100,6 +100,18 @@ def test_ppo_and_rejection_programs_through_the_launcher(tmp_path):
   assert not (tmp_path / "runs").exists()   # no dependency was built: abstract shapes only
 
 
+@pytest.mark.slow
+def test_splash_attention_compiles_for_v5e_and_v5p_and_xla_is_the_fallback(tmp_path):
+  # 128 tokens tile: training and evaluation run the Pallas (Mosaic) kernel; attention_impl=xla has none
+  for acc, impl, kernels in (("v5e-8", None, True), ("v5p-8", None, True), ("v5e-8", "xla", False)):
+    out = tmp_path / f"{acc}-{impl}"
+    args = ["experiments/pretrain.py:test", acc, "--run-dir", str(out), "--set", "seq_len=128", "--set",
+            "model.max_seq_len=128"] + (["--set", f"model.attention_impl={impl}"] if impl else [])
+    _aot(*args)
+    rows = json.loads((out / "aot.json").read_text())["programs"]
+    assert all((r["tpu_kernels"] > 0) == kernels for r in rows), rows
+
+
 def test_a_batch_that_does_not_split_over_the_slice_is_one_line():
   pytest.importorskip("libtpu")
   r = subprocess.run([sys.executable, "-m", "l2jax.launch", "experiments/rejection.py:test", "--aot", "v5p-8"],
