@@ -1,11 +1,28 @@
 """l2jax: the Llama 2 recipe (Touvron et al., 2023) in JAX / Flax NNX."""
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
 from pathlib import Path
 
-from l2jax.model import presets
-from l2jax.model.config import LlamaConfig
-from l2jax.model.llama import KVCache, Llama
+
+def _quiet_libtpu_off_tpu() -> None:
+  """With the `tpu` extra installed on a machine without TPU chips (a CPU or GPU host that compiles for TPU
+  slices with --aot), libtpu probes for a TPU host on JAX's start-up and prints a page of warnings into every
+  command; tell it there is no pod to find. A TPU VM (/dev/accel*, /dev/vfio/*) is left alone."""
+  if importlib.util.find_spec("libtpu") is None or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+_quiet_libtpu_off_tpu()
+
+from l2jax.model import presets  # noqa: E402
+from l2jax.model.config import LlamaConfig  # noqa: E402
+from l2jax.model.llama import KVCache, Llama  # noqa: E402
 
 __all__ = ["load", "Llama", "LlamaConfig", "KVCache", "presets"]
 __version__ = "0.1.0"

@@ -123,3 +123,13 @@ def test_unknown_accelerator_is_one_line():
   r = subprocess.run([sys.executable, "-m", "l2jax.aot", "experiments/pretrain.py:test", "v9-8"], cwd=ROOT,
                      capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown TPU accelerator 'v9-8'" in r.stderr
+
+
+def test_the_tpu_extra_is_silent_on_a_machine_without_tpu():
+  pytest.importorskip("libtpu")
+  if any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")):
+    pytest.skip("a TPU host")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PLATFORMS", "TPU_"))}
+  r = subprocess.run([sys.executable, "-c", "import l2jax, jax; print(jax.devices()[0].platform)"], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and r.stdout.strip() == "cpu" and r.stderr == "", r.stderr[:500]
