@@ -67,7 +67,10 @@ def get_config(arg: str | None = None) -> c.Rejection:
                               ("helpful-base", "helpful-online", "helpful-rejection-sampled")) +
                         ("oasst:data/oasst/*.trees.jsonl",),
                         max_prompt_tokens=1024, heldout_fraction=0.01, eval_prompts=256, skip_bad=True),
-      samples_per_prompt=10, temperature=1.2, max_new_tokens=1024, sample_dtype="bfloat16", batch_prompts=32,
+      samples_per_prompt=10, temperature=1.2, max_new_tokens=1024, sample_dtype="bfloat16",
+      # 8 prompts x K rows per sampling chunk: 32 did not fit one host's chips at 70B (the TPU compiler: 194 GiB
+      # per v5p chip; 8 fit at 75 GiB with mesh.tensor=4, a v5p host's 4 chips; docs/tpu.md)
+      batch_prompts=8,
       score_batch=64, temperatures=(0.8, 1.0, 1.2, 1.4), fig8_prompts=256, eval_temperature=1.0,
       model=presets.get(preset, dtype="bfloat16", remat="full"), optim=PAPER_OPTIM, seq_len=4096, global_batch=64,
       epochs=2, log_every=10, mesh=mesh, ckpt=c.Checkpointing(every=200, keep=2))
