@@ -109,3 +109,41 @@ def ppo_value_loss(values_bt: jax.Array, old_values_bt: jax.Array, returns_bt: j
   loss2_bt = jnp.square(jnp.clip(v_bt, old_bt - clip, old_bt + clip) - ret_bt)
   loss_sum = 0.5 * jnp.sum(jnp.where(m, jnp.maximum(loss1_bt, loss2_bt), 0.0))
   return loss_sum, count, {"vf_clipfrac": _masked_mean(loss2_bt > loss1_bt, m, count)}
+
+
+# --- DPO (Rafailov et al. 2023) ----------------------------------------------------------------------------------
+
+def sequence_logprob(logprobs_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+  """float32 [B]: log pi(y | x) = sum of the token log-probs over each row's response tokens (mask_bt True)."""
+  m = jnp.asarray(mask_bt).astype(bool)
+  return jnp.sum(jnp.where(m, jnp.asarray(logprobs_bt, jnp.float32), 0.0), axis=1)
+
+
+def dpo_loss(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array, ref_chosen_b: jax.Array,
+             ref_rejected_b: jax.Array, beta: float = 0.1, label_smoothing: float = 0.0,
+             margin_b: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(mean DPO loss over pairs, metrics), float32: Rafailov et al. 2023 equation 7, with label smoothing and margin.
+
+  Inputs are sequence log-probs [B] (`sequence_logprob`) of the chosen / rejected responses under the policy and
+  the frozen reference. Implicit reward r(x, y) = beta * (log pi(y | x) - log pi_ref(y | x)) (section 5), and with
+  z = r_c - r_r - m:
+    L = -(1 - ls) * log sigmoid(z) - ls * log sigmoid(-z).
+  ls = label_smoothing: conservative DPO (the chosen label is wrong with probability ls; TRL's "sigmoid" loss);
+  ls = 0 is equation 7, the Bradley-Terry ranking loss (`ranking_loss_sum`) on the implicit rewards. m = margin_b:
+  the rating margin of Llama 2 section 3.2.2 (Table 27, `rating_margin`); None = 0.
+  metrics (float32 scalars, means over pairs): "rewards_chosen", "rewards_rejected" (r_c, r_r), "reward_accuracy"
+  (share with r_c > r_r), "reward_margin" (r_c - r_r), "logps_chosen", "logps_rejected" (policy log-probs).
+  """
+  pc_b = jnp.asarray(policy_chosen_b, jnp.float32)
+  pr_b = jnp.asarray(policy_rejected_b, jnp.float32)
+  r_chosen_b = beta * (pc_b - jnp.asarray(ref_chosen_b, jnp.float32))
+  r_rejected_b = beta * (pr_b - jnp.asarray(ref_rejected_b, jnp.float32))
+  z_b = r_chosen_b - r_rejected_b
+  if margin_b is not None:
+    z_b = z_b - jnp.asarray(margin_b, jnp.float32)
+  loss_b = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z_b) - label_smoothing * jax.nn.log_sigmoid(-z_b)
+  metrics = {"rewards_chosen": jnp.mean(r_chosen_b), "rewards_rejected": jnp.mean(r_rejected_b),
+             "reward_accuracy": jnp.mean((r_chosen_b > r_rejected_b).astype(jnp.float32)),
+             "reward_margin": jnp.mean(r_chosen_b - r_rejected_b),
+             "logps_chosen": jnp.mean(pc_b), "logps_rejected": jnp.mean(pr_b)}
+  return jnp.mean(loss_b), metrics
