@@ -112,5 +112,18 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def _exit(rc: int) -> None:
+  """Exit with `rc`. After a Ctrl-C, the exit handlers run while a further Ctrl-C still means "exit 130 now", and
+  the process then leaves without the interpreter's finalization: that resets SIGINT to its default action, so a
+  Ctrl-C pressed during it (XLA's threads take a while to wind down) would kill the process by signal instead."""
+  if rc == 130:
+    import atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+  sys.exit(rc)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  _exit(main())

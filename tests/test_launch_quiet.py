@@ -86,7 +86,7 @@ TWICE = textwrap.dedent("""
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(5)
     L.launch = run
-    sys.exit(L.main(["experiments/pretrain.py:tiny"]))
+    L._exit(L.main(["experiments/pretrain.py:tiny"]))
     """)
 
 
