@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from l2jax.data.tokenizer import CHAT_FORMAT_FILE
 from l2jax.model.config import LlamaConfig
 
 PARAMS = "params"
@@ -190,7 +191,8 @@ def restore_params(path: str | Path, target: Any | None = None) -> Any:
 
 def save_model_dir(out_dir: str | Path, cfg: LlamaConfig, params: Any, tokenizer: str | Path | None,
                    extra_files: dict[str, str] | None = None) -> Path:
-  """Write an l2jax model directory: params/, config.json, tokenizer.model (+ extra text files).
+  """Write an l2jax model directory: params/, config.json, tokenizer.model (and its chat_format file, when the
+  tokenizer has one: l2jax.data.tokenizer) (+ extra text files).
 
   One process: everything goes into a temporary sibling renamed into place (atomic). Several processes
   (multi-host, params sharded over all of them): every process must call this; Orbax writes params/
@@ -203,6 +205,9 @@ def save_model_dir(out_dir: str | Path, cfg: LlamaConfig, params: Any, tokenizer
   def write_small(d: Path) -> None:
     if tokenizer is not None:
       shutil.copyfile(tokenizer, d / TOKENIZER)
+      fmt = Path(tokenizer).with_name(CHAT_FORMAT_FILE)   # the model's chat format travels with its tokenizer
+      if fmt.is_file():
+        shutil.copyfile(fmt, d / CHAT_FORMAT_FILE)
     for name, text in (extra_files or {}).items():
       (d / name).write_text(text)
     cfg.save(d / CONFIG)

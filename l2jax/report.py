@@ -34,7 +34,9 @@ KEY_FIELDS = ("name", "mode", "objective", "size", "init", "sampler", "policy", 
               "epochs", "steps", "iterations", "batch_prompts", "minibatch", "samples_per_prompt", "temperature",
               "max_new_tokens", "kl_beta", "optim.lr", "optim.schedule", "turns", "constraints.kinds",
               "rs_versions", "gatt_after", "pool_from", "ppo", "ppo_after_rs", "ppo_iterations", "rescale_temperature",
-              "temperature_from", "judge_helpful", "judge_safety", "data.part", "eval.heldout_part")
+              "temperature_from", "judge_helpful", "judge_safety", "data.part", "eval.heldout_part", "base", "gold",
+              "label_temperature", "pairs", "methods", "bon_n", "train_prompts", "report_prompts", "measure_samples")
+DOCS = {"overoptimization": "docs/overoptimization.md"}   # how to read a stage's report (default docs/rlhf.md)
 CURVE = re.compile(r"loss|reward|score|kl|acc|(^|_|/)r[chs]($|_)|violation|entropy|clip|explained|ppl|length|eos")
 NOT_CURVE = re.compile(r"time|tokens|mfu|crc|fingerprint|weight|seconds|_s$|finite|step")
 MAX_PANELS = 12
@@ -150,9 +152,27 @@ def _checkpoints(run_dir: Path) -> list[str]:
     steps = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
     if steps:
       lines.append(f"- `{ck}/`: training checkpoints at steps {', '.join(map(str, steps))} (resume)")
+  if (run_dir / "proxies.json").is_file():   # the over-optimisation benchmark: no final/, its sub-runs instead
+    return lines + _gold_benchmark(run_dir)
   if not any(l.startswith(f"- `{run_dir / 'final'}`") for l in lines):
     lines.append("- no final/ yet (the run has not finished)")
   return lines
+
+
+def _gold_benchmark(run_dir: Path) -> list[str]:
+  """The over-optimisation benchmark's labels and proxies (l2jax/stages/overoptimization.py)."""
+  labels = _read_json(run_dir / "pairs" / "labels.json") or {}
+  proxies = _read_json(run_dir / "proxies.json") or {}
+  out = []
+  if labels:
+    t = labels.get("train", {})
+    out.append(f"- labels: {t.get('pairs')} training pairs, Bradley-Terry temperature {labels.get('label_temperature')}: "
+               f"{_fmt(100 * t.get('label_gold_agreement', float('nan')))}% agree with the gold order (expected "
+               f"{_fmt(100 * t.get('expected_agreement', float('nan')))}%)")
+  out += ["", "| proxy | held-out pairs | accuracy vs labels | accuracy vs gold order |", "|---|---:|---:|---:|"]
+  out += [f"| {k} (`proxy-{k.split()[0]}/final`) | {v['pairs']} | {_fmt(100 * v['accuracy_vs_labels'])}% | "
+          f"{_fmt(100 * v['accuracy_vs_gold'])}% |" for k, v in proxies.items()]
+  return out
 
 
 class Writer:
@@ -272,8 +292,9 @@ def write(run_dir: str | Path) -> Path:
   w = Writer(root)
   cfg = _read_json(root / "config.json") or {}
   name = cfg.get("name", root.name) if isinstance(cfg, dict) else root.name
+  doc = DOCS.get(cfg.get("stage") if isinstance(cfg, dict) else None, "docs/rlhf.md")
   w.lines += [f"# Report: {name}", "", f"`python -m l2jax.report {root}` at {time.strftime('%Y-%m-%d %H:%M:%S')}. "
-              "How to read it: docs/rlhf.md.", ""]
+              f"How to read it: {doc}.", ""]
   versions = _read_json(root / VERSIONS)
   if isinstance(versions, list) and versions:
     w.lines += ["## Versions", ""] + _versions_table(versions, root)

@@ -11,4 +11,5 @@ from l2jax.config.ppo import *  # noqa: F401,F403
 from l2jax.config.rejection import *  # noqa: F401,F403
 from l2jax.config.gatt import *  # noqa: F401,F403
 from l2jax.config.rlhf import *  # noqa: F401,F403
+from l2jax.config.overoptimization import *  # noqa: F401,F403
 from l2jax.config.core import _field_types, _parse_value, _valid_keys, _validating  # noqa: F401

@@ -79,7 +79,9 @@ class PPO:
   stop early); final/ is the best evaluated policy when evaluations ran, else the last; value/ the last value
   model (also after an early stop). The evaluations answer `prompts.eval_prompts` of the held-out "select"
   half (a seeded sample stratified by source and IS_SAFETY; the versions evaluation reports on the other half).
-  samples_logged: responses written to samples.jsonl per iteration.
+  samples_logged: responses written to samples.jsonl per iteration. snapshots: also save the policy at every
+  evaluation (the starting one included) as an l2jax model directory run_dir/snapshots/<iteration>/, for
+  measurements along the run (experiments/overoptimization.py measures gold reward against KL on them).
   device_memory_gib / plan_devices: `--check-sharding` checks the per-device memory plan against this much
   accelerator memory on `plan_devices` devices (0 = the devices present).
   """
@@ -112,6 +114,7 @@ class PPO:
   eval_every: int = 10
   patience: int = 0
   samples_logged: int = 4
+  snapshots: bool = False
   device_memory_gib: float = 80.0
   plan_devices: int = 0
   seed: int = 0

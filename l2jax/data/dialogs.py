@@ -5,7 +5,9 @@ A dialog is `[{"role": "system"|"user"|"assistant", "content": str}, ...]` (an o
 then user / assistant alternating). It is encoded with THE chat format of `tokenizer.py` (`encode_chat_with_mask`):
 each exchange is BOS "[INST] {user} [/INST] {answer} " EOS, the system prompt inside the first [INST]. The answer
 mask is 1 exactly on every assistant answer's tokens and the EOS closing it; the user side of every exchange
-(BOS, [INST], the prompt, [/INST]) is 0.
+(BOS, [INST], the prompt, [/INST]) is 0. Optional message keys: "train": false on an assistant message (loss mask
+0 on that answer), "finished": false on the last one (an answer cut off by a token limit: encoded without its
+closing EOS, so fine-tuning never teaches the model to stop where the limit cut it).
 
 Readers (random access: `len(src)`, `src[i] -> messages`; a bad record raises DataError "file:line: problem"):
   MessagesJsonl(paths)   {"messages": [{"role", "content"}, ...]} per line
@@ -75,6 +77,11 @@ def check_messages(messages: Any) -> list[dict]:
       if m["role"] != "assistant" or not isinstance(m["train"], bool):
         raise _Problem(f"message {i} ({m['role']}): 'train' must be true or false, on assistant messages only")
       out[-1]["train"] = m["train"]
+    if "finished" in m:  # optional: "finished": false on the last answer: it was cut off, so no closing EOS
+      if m["role"] != "assistant" or not isinstance(m["finished"], bool) or i != len(messages) - 1:
+        raise _Problem(f"message {i} ({m['role']}): 'finished' must be true or false, on the last (assistant) "
+                       f"message only")
+      out[-1]["finished"] = m["finished"]
   if any(m["role"] == "assistant" for m in out) and all(m.get("train", True) is False
                                                          for m in out if m["role"] == "assistant"):
     raise _Problem("every answer has \"train\": false; nothing to learn from")
@@ -311,6 +318,8 @@ def encode_dialog(tok, messages: list[dict], max_tokens: int) -> tuple[list[int]
         run, prev = run + int(bool(bit) and not prev), bit
         if bit and answers[run].get("train", True) is False:
           mask[t] = 0
+    if turns[-1].get("finished", True) is False and ids and ids[-1] == tok.eos_id:
+      ids, mask = ids[:-1], mask[:-1]   # an answer cut off by a token limit is learnt without the EOS
     if len(ids) <= max_tokens:
       return ids, mask, j, trailing
   return None

@@ -19,7 +19,9 @@ four levels (`RATINGS`, Table 8's columns) and optional per-response safety labe
          "negligibly better / unsure".
   jsonl  generic: {"dialog": [{"role", "content"}, ...] ending on a user turn, or "prompt": str,
          "chosen": str, "rejected": str, optional "rating": a `RATINGS` name or 0..3 (0 = significantly
-         better) or null, optional "chosen_safe" / "rejected_safe": bool}.
+         better) or null, optional "chosen_safe" / "rejected_safe": bool, optional "chosen_finished" /
+         "rejected_finished": bool (default true; false = cut off by a token limit, so scored with no EOS, as
+         the RL stages score such a sample)}.
 
 A bad record raises DataError naming file:line (with skip_bad, it is skipped and reported instead).
 
@@ -61,6 +63,8 @@ class Pair:
   chosen_safe: bool | None = None
   rejected_safe: bool | None = None
   where: str = ""   # "file:line" of the record
+  chosen_finished: bool = True     # False: the response was cut off by a token limit (scored without EOS)
+  rejected_finished: bool = True
 
   def messages(self) -> list[dict]:
     return [{"role": r, "content": c} for r, c in self.dialog]
@@ -274,8 +278,10 @@ def read_jsonl(path: str | Path, errors: list[str] | None = None) -> list[Pair]:
         dialog = tuple((m["role"], m["content"]) for m in msgs)
       else:
         dialog = (("user", _string(obj, "prompt")),)
+      fin = [_safe(obj, k) for k in ("chosen_finished", "rejected_finished")]
       out.append(Pair(dialog, _string(obj, "chosen"), _string(obj, "rejected"), _rating(obj),
-                      _safe(obj, "chosen_safe"), _safe(obj, "rejected_safe"), where))
+                      _safe(obj, "chosen_safe"), _safe(obj, "rejected_safe"), where,
+                      fin[0] is not False, fin[1] is not False))
     except ValueError as e:
       _bad(where, e, errors)
   return out
@@ -433,7 +439,8 @@ def pair_batch(tok: Tokenizer, pairs: Sequence[Pair], seq_len: int, size: int | 
   size = len(pairs) if size is None else size
   rows: list[list[int]] = []
   for p in pairs:
-    rows += encode_responses(tok, p.messages(), (p.chosen, p.rejected), seq_len)
+    rows += encode_responses(tok, p.messages(), (p.chosen, p.rejected), seq_len,
+                             finished=(p.chosen_finished, p.rejected_finished))
   rows += [[]] * (2 * (size - len(pairs)))
   tokens, mask = rows_to_arrays(rows, seq_len, tok.pad_id)
   rating = np.full((size,), UNRATED, np.int32)

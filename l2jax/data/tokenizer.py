@@ -4,6 +4,13 @@ The chat format is implemented once, here, and used by sampling, chat, SFT and G
   system prompt -> "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n" prepended to the first user message;
   each completed exchange -> BOS + "[INST] {user} [/INST] {answer} " + EOS   (user, answer stripped);
   the last user message   -> BOS + "[INST] {user} [/INST]".
+
+A model that was never taught that format (a base language model such as llama2.c's stories260K) uses the
+"text" format instead: the "user" message is a text to continue and the answer is its continuation,
+  each completed exchange -> BOS + "{user}{sep}{answer}" + EOS,   the last user message -> BOS + "{user}",
+sep being one space unless the answer starts with punctuation. A checkpoint says which format it takes in a
+`chat_format` file beside its tokenizer.model ("llama2" when absent); every stage then reads, scores and writes
+its prompts and answers in that format, so the RL stages run unchanged on a plain story model.
 """
 from __future__ import annotations
 
@@ -13,12 +20,26 @@ from typing import Sequence
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 ROLES = ("system", "user", "assistant")
+CHAT_FORMAT_FILE = "chat_format"   # beside tokenizer.model: "llama2" (default) or "text"
+CHAT_FORMATS = ("llama2", "text")
+_NO_SPACE_BEFORE = tuple(",.;:!?)'\"")
+
+
+def read_chat_format(tokenizer_path: str | Path) -> str:
+  """The chat format recorded beside a tokenizer model (`CHAT_FORMAT_FILE`), "llama2" when there is none."""
+  f = Path(tokenizer_path).with_name(CHAT_FORMAT_FILE)
+  if not f.is_file():
+    return "llama2"
+  fmt = f.read_text().strip()
+  if fmt not in CHAT_FORMATS:
+    raise ValueError(f"{f}: chat format {fmt!r}; expected one of {CHAT_FORMATS}")
+  return fmt
 
 
 class Tokenizer:
   """A SentencePiece model with Llama's BOS / EOS conventions."""
 
-  def __init__(self, path: str | Path):
+  def __init__(self, path: str | Path, chat_format: str | None = None):
     import sentencepiece as spm
     path = Path(path)
     if not path.is_file():
@@ -34,6 +55,9 @@ class Tokenizer:
     self.vocab_size = self.sp.GetPieceSize()
     self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
     self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0  # Llama 2 has no pad piece; rows are masked
+    self.chat_format = chat_format or read_chat_format(path)
+    if self.chat_format not in CHAT_FORMATS:
+      raise ValueError(f"chat_format {self.chat_format!r}: expected one of {CHAT_FORMATS}")
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
     ids = list(self.sp.EncodeAsIds(text))
@@ -80,12 +104,19 @@ def chat_exchanges(dialog: Sequence[dict]) -> list[tuple[str, str | None]]:
 def exchange_pieces(tok: Tokenizer, user: str, answer: str | None) -> tuple[list[int], list[int]]:
   """(prompt ids, answer ids) of one exchange; prompt + answer equals Meta's encoding of the whole exchange.
 
-  The answer part is everything after the "[INST] ... [/INST]" prefix, including the closing EOS.
+  The answer part is everything after the "[INST] ... [/INST]" prefix, including the closing EOS. In the "text"
+  format (module docstring) the prompt is the user text itself and the answer its continuation.
   """
-  prompt = tok.encode(f"{B_INST} {user} {E_INST}", bos=True)
+  if getattr(tok, "chat_format", "llama2") == "text":
+    head = user
+    text = head if answer is None else head + ("" if answer.startswith(_NO_SPACE_BEFORE) else " ") + answer
+  else:
+    head = f"{B_INST} {user} {E_INST}"
+    text = f"{head} {answer} "
+  prompt = tok.encode(head, bos=True)
   if answer is None:
     return prompt, []
-  full = tok.encode(f"{B_INST} {user} {E_INST} {answer} ", bos=True, eos=True)
+  full = tok.encode(text, bos=True, eos=True)
   n = 0
   while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
     n += 1

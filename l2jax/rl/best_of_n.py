@@ -139,7 +139,10 @@ def merge_pool(previous: Sequence[dict], new: Sequence[dict]) -> tuple[list[dict
 
 def pool_entry(rec: dict, sample: dict, reward: float) -> dict:
   """A pool.jsonl line: messages JSONL for the SFT reader (prompt + the chosen answer) and where it came from."""
-  return {"key": rec["key"], "messages": rec["messages"] + [{"role": "assistant", "content": sample["text"]}],
+  answer = {"role": "assistant", "content": sample["text"]}
+  if not is_finished(sample):   # kept with keep_truncated: fine-tuned without a closing EOS (l2jax.data.dialogs)
+    answer["finished"] = False
+  return {"key": rec["key"], "messages": rec["messages"] + [answer],
           "reward": reward, "helpful": sample["helpful"], "safety": sample["safety"], "is_safety": rec["is_safety"],
           "source": rec.get("source", ""), "iteration": rec["iteration"], "sampler": rec["sampler"],
           "temperature": rec["temperature"], "stop_reason": sample.get("stop_reason", "eos")}

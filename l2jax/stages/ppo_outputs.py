@@ -19,6 +19,7 @@ from l2jax.rl.rewards import kl_stats
 
 EARLY = "early_stop.json"
 BEST = "best"
+SNAPSHOTS = "snapshots"   # PPO.snapshots: the policy at each evaluation, snapshots/<iteration:06d>/
 
 
 def init_or_resume(cfg, ck, progs, m, batches) -> dict:
@@ -155,6 +156,8 @@ def _eval_sums(ro, valid_b, is_safety_b, thr):
 def eval_hook(cfg, progs, m, data, run_dir: Path, early: EarlyStopping, step_obj):
   def hook(step, state):
     res = evaluate(cfg, progs, m, data, state)
+    if cfg.snapshots:
+      save_policy(Path(run_dir) / SNAPSHOTS / f"{step:06d}", m, state["params"]["policy"])
     improved, stop = early.update(step, res["eval_rc"])
     if improved:
       save_policy(Path(run_dir) / BEST, m, state["params"]["policy"])

@@ -1,0 +1,69 @@
+r"""Reward over-optimisation on a known gold reward (Gao, Schulman & Hilton 2022, "Scaling Laws for Reward Model
+Overoptimization"; Llama 2 sections 3.2.2-3.2.3 and 3.4.1, reward hacking): does RL here improve a real model?
+
+  python -m l2jax.launch experiments/overoptimization.py:tiny    # 2 CPU cores, no downloads
+  python -m l2jax.launch experiments/overoptimization.py:tiny --set gold=mymodule:score   # your own gold
+  python -m l2jax.report runs/overoptimization-tiny                                      # rewrite report.md
+
+The base policy is llama2.c's stories260K (shipped, data/stories260K), continuing story openings it sampled
+itself. A gold reward function (l2jax.gold; default the sentiment lexicon score) labels pairs of its
+continuations under a Bradley-Terry draw (temperature 0.1: 84% of the labels agree with the gold order); proxy reward models are trained on 1024, 4096 and 8192
+of those pairs from the base model; best-of-n (n = 1..64), PPO and rejection-sampling fine-tuning optimise each
+proxy; every policy is measured on 128 held-out openings: gold, proxy and KL to the base model. The result is
+Gao et al.'s Figure 1 (gold and proxy against sqrt(KL)) with their fitted forms, in RUN_DIR/report.md
+(docs/overoptimization.md says how to read it).
+
+Variants: `tiny` and `test` (CI, seconds per phase) are the benchmark; `<size>-proxy`, `<size>-ppo` and
+`<size>-rs` are the reward, PPO and rejection-sampling settings it launches for each proxy (the stage sets the
+paths: base model, pairs, prompts, proxy), so `--set proxy_sets=...` / `ppo_sets` / `rejection_sets` or a copy
+of this file changes them.
+"""
+from l2jax import config as c
+from l2jax.model import presets
+
+STORY = presets.get("stories260k", dtype="float32")
+BASE = "llama2c:data/stories260K/stories260K.bin"
+
+
+def get_config(arg: str | None = None):
+  arg = arg or "tiny"
+  size, _, part = arg.partition("-")
+  if size not in ("tiny", "test") or part not in ("", "proxy", "ppo", "rs"):
+    raise ValueError(f"unknown variant {arg!r}; choose tiny, test, or <tiny|test>-<proxy|ppo|rs>")
+  test = size == "test"
+  if part == "proxy":
+    return c.RewardModel(
+        name=f"overoptimization-{size}-proxy", objective="helpfulness", model=STORY, init="",
+        data=c.Preferences(sources=(), heldout_fraction=0.0, eval_pairs=0, safety_filter=False,
+                           tokenizer="data/stories260K/tok512.model"),
+        margin="none", optim=c.AdamW(lr=5e-3, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip=1.0, decay_to=0.1),
+        seq_len=96 if not test else 48, global_batch=32 if not test else 8, epochs=2.0, warmup_fraction=0.03,
+        min_warmup=2, log_every=10, eval_batch=128 if not test else 16, mesh=c.Mesh(fsdp=-1),
+        ckpt=c.Checkpointing(every=1000, keep=1), tensorboard=False)
+  if part == "ppo":
+    return c.PPO(
+        name=f"overoptimization-{size}-ppo", policy="", model=STORY, frozen_dtype="float32", value_init="helpful",
+        prompts=c.Prompts(sources=(), max_prompt_tokens=64, heldout_fraction=0.05, eval_prompts=32 if not test else 4),
+        max_new_tokens=48 if not test else 16, temperature=1.0, kl_beta=0.02,
+        optim=c.AdamW(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0, clip=1.0),
+        value_optim=c.AdamW(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.0, clip=1.0),
+        batch_prompts=64 if not test else 8, minibatch=16 if not test else 4, iterations=60 if not test else 2,
+        eval_every=4 if not test else 1, patience=0, samples_logged=2, snapshots=True, mesh=c.Mesh(fsdp=-1),
+        ckpt=c.Checkpointing(every=4 if not test else 1, keep=2), log_every=1, tensorboard=False)
+  if part == "rs":
+    return c.Rejection(
+        name=f"overoptimization-{size}-rs", mode="best_of_k", sampler="", init="",
+        prompts=c.Prompts(sources=(), max_prompt_tokens=64, heldout_fraction=0.05, eval_prompts=16 if not test else 2),
+        max_prompts=512 if not test else 8, samples_per_prompt=16 if not test else 4, temperature=1.0,
+        max_new_tokens=48 if not test else 16, keep_truncated=True, batch_prompts=32 if not test else 4,
+        score_batch=128, temperatures=(), eval_temperature=1.0, model=STORY,
+        optim=c.AdamW(lr=1e-3, warmup_steps=2, decay_to=0.1, weight_decay=0.0, clip=1.0),
+        seq_len=96 if not test else 48, global_batch=32 if not test else 4, epochs=2, log_every=5,
+        mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=1000, keep=1), tensorboard=False)
+  if test:
+    return c.Overoptimization(
+        name="overoptimization-test", base=BASE, gold="l2jax.gold:sentiment", label_temperature=0.1,
+        opening_tokens=16, train_prompts=64, heldout_pairs=32, report_prompts=8, pairs=(16, 64), max_new_tokens=16,
+        measure_samples=2, bon_n=8, proxy="test-proxy", ppo="test-ppo", rejection="test-rs")
+  return c.Overoptimization(name="overoptimization-tiny", base=BASE, label_temperature=0.1, train_prompts=8192,
+                            pairs=(1024, 4096, 8192), proxy="tiny-proxy", ppo="tiny-ppo", rejection="tiny-rs")
