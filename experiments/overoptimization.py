@@ -6,9 +6,10 @@ Overoptimization"; Llama 2 sections 3.2.2-3.2.3 and 3.4.1, reward hacking): does
   python -m l2jax.report runs/overoptimization-tiny                                      # rewrite report.md
 
 The base policy is llama2.c's stories260K (shipped, data/stories260K), continuing story openings it sampled
-itself. A gold reward function (l2jax.gold; default the sentiment lexicon score) labels pairs of its
-continuations under a Bradley-Terry draw (temperature 0.1: 84% of the labels agree with the gold order); proxy reward models are trained on 1024, 4096 and 8192
-of those pairs from the base model; best-of-n (n = 1..64), PPO and rejection-sampling fine-tuning optimise each
+itself. A gold reward function (l2jax.gold; default `story`: the sentiment lexicon score times the share of
+distinct words) labels pairs of its continuations under a Bradley-Terry draw (temperature 0.1: about 84% of the
+labels agree with the gold order); proxy reward models are trained on 1024, 4096 and 8192 of those pairs from
+the base model; best-of-n (n = 1..64), PPO and rejection-sampling fine-tuning optimise each
 proxy; every policy is measured on 128 held-out openings: gold, proxy and KL to the base model. The result is
 Gao et al.'s Figure 1 (gold and proxy against sqrt(KL)) with their fitted forms, in RUN_DIR/report.md
 (docs/overoptimization.md says how to read it).
@@ -58,12 +59,13 @@ def get_config(arg: str | None = None):
         max_new_tokens=48 if not test else 16, keep_truncated=True, batch_prompts=32 if not test else 4,
         score_batch=128, temperatures=(), eval_temperature=1.0, model=STORY,
         optim=c.AdamW(lr=1e-3, warmup_steps=2, decay_to=0.1, weight_decay=0.0, clip=1.0),
-        seq_len=96 if not test else 48, global_batch=32 if not test else 4, epochs=2, log_every=5,
+        seq_len=96 if not test else 48, global_batch=32 if not test else 8, epochs=2, log_every=5,
         mesh=c.Mesh(fsdp=-1), ckpt=c.Checkpointing(every=1000, keep=1), tensorboard=False)
   if test:
     return c.Overoptimization(
-        name="overoptimization-test", base=BASE, gold="l2jax.gold:sentiment", label_temperature=0.1,
+        name="overoptimization-test", base=BASE, gold="l2jax.gold:story", label_temperature=0.1,
         opening_tokens=16, train_prompts=64, heldout_pairs=32, report_prompts=8, pairs=(16, 64), max_new_tokens=16,
         measure_samples=2, bon_n=8, proxy="test-proxy", ppo="test-ppo", rejection="test-rs")
-  return c.Overoptimization(name="overoptimization-tiny", base=BASE, label_temperature=0.1, train_prompts=8192,
-                            pairs=(1024, 4096, 8192), proxy="tiny-proxy", ppo="tiny-ppo", rejection="tiny-rs")
+  return c.Overoptimization(name="overoptimization-tiny", base=BASE, gold="l2jax.gold:story", label_temperature=0.1,
+                            train_prompts=8192, pairs=(1024, 4096, 8192), proxy="tiny-proxy", ppo="tiny-ppo",
+                            rejection="tiny-rs")

@@ -166,8 +166,8 @@ def _gold_benchmark(run_dir: Path) -> list[str]:
   out = []
   if labels:
     t = labels.get("train", {})
-    out.append(f"- labels: {t.get('pairs')} training pairs, Bradley-Terry temperature {labels.get('label_temperature')}: "
-               f"{_fmt(100 * t.get('label_gold_agreement', float('nan')))}% agree with the gold order (expected "
+    out.append(f"- labels: {t.get('pairs')} training pairs, Bradley-Terry temperature "
+               f"{labels.get('label_temperature')}: {_fmt(100 * t.get('label_gold_agreement', float('nan')))}% agree with the gold order (expected "
                f"{_fmt(100 * t.get('expected_agreement', float('nan')))}%)")
   out += ["", "| proxy | held-out pairs | accuracy vs labels | accuracy vs gold order |", "|---|---:|---:|---:|"]
   out += [f"| {k} (`proxy-{k.split()[0]}/final`) | {v['pairs']} | {_fmt(100 * v['accuracy_vs_labels'])}% | "

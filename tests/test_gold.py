@@ -86,6 +86,14 @@ def test_sentiment_hand_values():
   np.testing.assert_allclose(out, [0.8164965809, -0.7559289460, 0.5, 0.0], atol=1e-9)
 
 
+def test_story_hand_values():
+  # "Lily was happy. She smiled!": 5 distinct words of 5, sentiment 2 / sqrt(6)
+  # "fun fun fun fun": 1 distinct of 4, sentiment 4 / sqrt(5): 4 / sqrt(5) / 4 = 1 / sqrt(5)
+  out = gold.story(["Lily was happy. She smiled!", "fun fun fun fun", ""])
+  np.testing.assert_allclose(out, [2 / math.sqrt(6), 1 / math.sqrt(5), 0.0], rtol=1e-12)
+  assert gold.load("l2jax.gold:story")(["fun fun fun fun"])[0] < gold.sentiment(["fun fun fun fun"])[0]
+
+
 def test_happy_hand_values():
   out = gold.happy(["Happy happy HAPPY happily day",   # 4 mentions, capped at 3
                     "She was unhappy.",                # 'unhappy' is another word

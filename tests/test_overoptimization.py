@@ -77,7 +77,8 @@ def test_measure_of_the_base_against_itself_has_zero_kl(sampler, base):
 
 
 def _launch(args, env_extra=None, timeout=900):
-  env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env_extra or {})}
+  env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env_extra or {})}
   return subprocess.run([sys.executable, "-m", "l2jax.launch", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -109,3 +110,35 @@ def test_a_bad_gold_is_one_line_before_anything_runs(tmp_path):
                "gold=no_such_module_here:score"])
   assert p.returncode == 1 and "Traceback" not in p.stderr
   assert "gold 'no_such_module_here:score'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+THE_GOLD = '''import re
+
+
+def the_count(texts):
+  """How often a continuation says "the": a gold this test supplies, unknown to l2jax."""
+  return [float(len(re.findall(r"\\bthe\\b", t.lower()))) for t in texts]
+'''
+
+
+@pytest.mark.slow
+def test_ppo_against_a_proxy_raises_the_held_out_gold(tmp_path):
+  """A learning test: a gold function from outside l2jax labels 512 pairs (no label noise), a proxy is trained on
+  them, and 12 PPO iterations against the proxy raise the *gold* score of held-out openings by at least 1.0 (the
+  base model says "the" about 0.4 times in 24 tokens; the standard error of each measurement is below 0.1)."""
+  (tmp_path / "outside_gold.py").write_text(THE_GOLD)
+  d = tmp_path / "oo"
+  ppo_sets = ["iterations=12", "batch_prompts=32", "minibatch=8", "optim.lr=3e-4", "eval_every=6", "max_new_tokens=24"]
+  p = _launch(["experiments/overoptimization.py:test", "--run-dir", str(d), "--set", "gold=outside_gold:the_count",
+               "--set", "label_temperature=0", "--set", "train_prompts=512", "--set", "pairs=[512]",
+               "--set", "heldout_pairs=128", "--set", "report_prompts=32", "--set", "max_new_tokens=24",
+               "--set", "measure_samples=4", "--set", 'methods=["ppo"]', "--set", 'proxy_sets=["epochs=3"]',
+               "--set", f"ppo_sets={json.dumps(ppo_sets)}"], env_extra={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+  assert p.returncode == 0, p.stderr[-3000:]
+  acc = json.loads((d / "proxies.json").read_text())["512 pairs"]
+  assert acc["accuracy_vs_gold"] > 0.8, acc
+  got = json.loads((d / "ppo-512" / "gold.json").read_text())
+  first, last = got["000000"], got["000012"]
+  assert last["gold"] - first["gold"] > 1.0, got
+  assert last["gold"] - first["gold"] > 5 * (first["gold_se"] + last["gold_se"]), got
+  assert last["proxy"]["512 pairs"] > first["proxy"]["512 pairs"] and last["kl"] > 1.0, got

@@ -35,7 +35,7 @@ class Overoptimization:
   name: str = "overoptimization"
   base: str = "llama2c:data/stories260K/stories260K.bin"
   base_tokenizer: str = "data/stories260K/tok512.model"
-  gold: str = "l2jax.gold:sentiment"
+  gold: str = "l2jax.gold:story"
   label_temperature: float = 1.0
   opening_tokens: int = 24
   train_prompts: int = 2048

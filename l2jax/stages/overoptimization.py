@@ -118,8 +118,9 @@ def proxies(cfg, run_dir: Path, base: Path) -> dict[str, Path]:
   out = {}
   for n in cfg.pairs:
     d = run_dir / f"proxy-{n}"
-    sets = [f"name={cfg.name}-proxy-{n}", f"init={base}", f"data.sources={json.dumps([f'jsonl:{run_dir}/pairs/train-{n}.jsonl'])}",
-            f"data.eval_sources={json.dumps([f'jsonl:{run_dir}/pairs/heldout.jsonl'])}", "data.heldout_fraction=0"]
+    train, held = [f"jsonl:{run_dir}/pairs/train-{n}.jsonl"], [f"jsonl:{run_dir}/pairs/heldout.jsonl"]
+    sets = [f"name={cfg.name}-proxy-{n}", f"init={base}", f"data.sources={json.dumps(train)}",
+            f"data.eval_sources={json.dumps(held)}", "data.heldout_fraction=0"]
     if not _launch(f"{EXPERIMENT}:{cfg.proxy}", sets + list(cfg.proxy_sets), d):
       return {}
     out[f"{n} pairs"] = d / "final"
