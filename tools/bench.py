@@ -5,6 +5,8 @@
   python tools/bench.py decode  --preset P --batch B --prompt-len L --new N
   python tools/bench.py ppo     --preset P --batch B --new N     (vs TRL PPOTrainer; pip install -e ".[bench]")
   python tools/bench.py reward  --preset P --batch B --seq S     (vs TRL RewardTrainer, margin column)
+  python tools/bench.py gold    --run RUN_DIR [--proxy N] [--iters K] (vs TRL PPOTrainer: gold reward at
+                                matched KL and per minute on experiments/overoptimization.py's run)
 
 Each prints a small table with both figures and their ratio (and MFU / the hardware floor on a GPU).
 """
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 COMMANDS = {"train": "bench_train", "forward": "bench_forward", "decode": "bench_decode", "ppo": "bench_ppo",
-            "reward": "bench_reward"}
+            "reward": "bench_reward", "gold": "bench_gold"}
 
 
 def main(argv: list[str]) -> int:
