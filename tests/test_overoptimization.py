@@ -110,6 +110,7 @@ def test_a_bad_gold_is_one_line_before_anything_runs(tmp_path):
                "gold=no_such_module_here:score"])
   assert p.returncode == 1 and "Traceback" not in p.stderr
   assert "gold 'no_such_module_here:score'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "x").exists()   # nothing written
 
 
 THE_GOLD = '''import re

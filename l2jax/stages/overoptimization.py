@@ -245,10 +245,10 @@ def run(cfg: c.Overoptimization, run_dir: Path, check_sharding: bool = False):
   from l2jax.sample import load_sampler
   if check_sharding:
     raise ValueError("overoptimization: --check-sharding applies to one stage; run it on its ppo variant")
+  gold = gold_lib.load(cfg.gold)   # a bad gold fails before anything is written
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   ckpt_lib.run_dir_accepted(run_dir)
-  gold = gold_lib.load(cfg.gold)
   base = base_dir(cfg, run_dir)
   sampler = load_sampler(str(base))
   texts = prompts(cfg, run_dir, sampler)
