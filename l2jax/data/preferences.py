@@ -422,6 +422,15 @@ def encode_responses(tok: Tokenizer, messages: Sequence[dict], responses: Sequen
   return rows
 
 
+def bucket_len(n: int, cap: int, minimum: int = 16) -> int:
+  """The padded length of a batch whose longest row has n tokens: the next power of two >= max(n, minimum),
+  at most cap (a few fixed shapes, so the jitted step compiles a bounded number of times)."""
+  b = minimum
+  while b < n:
+    b *= 2
+  return min(b, cap)
+
+
 def rows_to_arrays(rows: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens, mask) int32 [n, seq_len], right-padded with pad_id; mask 1 on real tokens."""
   tokens = np.full((len(rows), seq_len), pad_id, np.int32)
@@ -432,15 +441,24 @@ def rows_to_arrays(rows: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> 
   return tokens, mask
 
 
-def pair_batch(tok: Tokenizer, pairs: Sequence[Pair], seq_len: int, size: int | None = None) -> dict[str, np.ndarray]:
-  """A batch of `size` pairs (padding pairs have valid 0):
-    tokens int32 [P, 2, T] (row 0 chosen, row 1 rejected), mask int32 [P, 2, T], rating int32 [P] (-1 unrated),
-    valid float32 [P]."""
-  size = len(pairs) if size is None else size
+def pair_batch_rows(tok: Tokenizer, pairs: Sequence[Pair], max_len: int) -> list[list[int]]:
+  """The token rows of pairs: chosen, rejected, chosen, ... (each at most max_len tokens)."""
   rows: list[list[int]] = []
   for p in pairs:
-    rows += encode_responses(tok, p.messages(), (p.chosen, p.rejected), seq_len,
+    rows += encode_responses(tok, p.messages(), (p.chosen, p.rejected), max_len,
                              finished=(p.chosen_finished, p.rejected_finished))
+  return rows
+
+
+def pair_batch(tok: Tokenizer, pairs: Sequence[Pair], seq_len: int, size: int | None = None,
+               max_len: int | None = None) -> dict[str, np.ndarray]:
+  """A batch of `size` pairs (padding pairs have valid 0):
+    tokens int32 [P, 2, T] (row 0 chosen, row 1 rejected), mask int32 [P, 2, T], rating int32 [P] (-1 unrated),
+    valid float32 [P]. T = seq_len; rows are cut to max_len (default seq_len) tokens, which must fit in T."""
+  size = len(pairs) if size is None else size
+  rows = pair_batch_rows(tok, pairs, seq_len if max_len is None else max_len)
+  if rows and max(len(r) for r in rows) > seq_len:
+    raise ValueError(f"pair_batch: a row of {max(len(r) for r in rows)} tokens does not fit seq_len={seq_len}")
   rows += [[]] * (2 * (size - len(pairs)))
   tokens, mask = rows_to_arrays(rows, seq_len, tok.pad_id)
   rating = np.full((size,), UNRATED, np.int32)
@@ -456,10 +474,13 @@ class PairBatches:
 
   Each global batch is the next `global_batch` pairs of that stream (crossing into the next epoch); this
   process gets its contiguous share. State {"epoch", "index"} is JSON and restores the exact stream.
+  buckets: pad each batch to `bucket_len` of the longest row of the *global* batch (the same on every process)
+  instead of seq_len; a reward model reads its score at each row's last token and attention is causal, so the
+  loss is that of the padded batch (tests/test_reward_buckets.py).
   """
 
   def __init__(self, pairs: Sequence[Pair], tok: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, buckets: bool = False):
     if not pairs:
       raise DataError("no training pairs")
     if global_batch % process_count:
@@ -469,9 +490,17 @@ class PairBatches:
     self.offset = process_index * self.local
     self.epoch, self.index = 0, 0
     self._order = self._permutation(0)
+    self.buckets, self._lens = buckets, {}
 
   def _permutation(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+
+  def _longest(self, picked: Sequence[int]) -> int:
+    """Tokens of the longest row (chosen or rejected) of these pairs, cached per pair."""
+    for i in picked:
+      if i not in self._lens:
+        self._lens[i] = max(len(r) for r in pair_batch_rows(self.tok, [self.pairs[i]], self.seq_len))
+    return max(self._lens[i] for i in picked)
 
   def __iter__(self):
     return self
@@ -485,7 +514,8 @@ class PairBatches:
       picked.append(int(self._order[self.index]))
       self.index += 1
     mine = picked[self.offset:self.offset + self.local]
-    return pair_batch(self.tok, [self.pairs[i] for i in mine], self.seq_len)
+    T = bucket_len(self._longest(picked), self.seq_len) if self.buckets else self.seq_len
+    return pair_batch(self.tok, [self.pairs[i] for i in mine], T, max_len=self.seq_len)
 
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self.epoch, "index": self.index}

@@ -160,7 +160,9 @@ def score_pairs(score_fn, params, tok, pairs, seq_len: int, batch_pairs: int, me
   if batches is None:
     batches = []
     for i in range(0, len(pairs), batch_pairs):
-      b = prefs.pair_batch(tok, pairs[i:i + batch_pairs], seq_len, size=batch_pairs)
+      chunk = pairs[i:i + batch_pairs]   # padded to its longest row's bucket (all processes see every chunk)
+      T = prefs.bucket_len(max(len(r) for r in prefs.pair_batch_rows(tok, chunk, seq_len)), seq_len)
+      b = prefs.pair_batch(tok, chunk, T, size=batch_pairs, max_len=seq_len)
       batches.append({k: v[pi * local:(pi + 1) * local] for k, v in b.items()})
     if cache is not None:
       cache["batches"] = batches
@@ -242,7 +244,8 @@ def run(cfg: c.RewardModel, run_dir: Path, check_sharding: bool = False):
         file=sys.stderr)
   loss_fn = pair_loss_fn(setup.graphdef, cfg.margin)
   batches = prefs.PairBatches(pairs, setup.tokenizer, seq_len=cfg.seq_len, global_batch=cfg.global_batch,
-                              seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count())
+                              seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+                              buckets=True)   # padded to the batch's longest row (a few power-of-two shapes)
   if check_sharding:
     return sharding_report(cfg, setup, loss_fn, batches)
   hooks = ()
