@@ -148,3 +148,25 @@ def test_recorded_sets_restore_what_the_stages_run_had():
   assert bench_gold.recorded_sets(now, rec) == ["iterations=30", "optim.lr=0.0005", "prompts.max_prompt_tokens=32"]
   assert bench_gold.recorded_sets(now, rec, ("iterations",)) == ["optim.lr=0.0005", "prompts.max_prompt_tokens=32"]
   assert bench_gold.recorded_sets(now, {**now, "prompts": {"sources": ["jsonl:/x"], "max_prompt_tokens": 64}}) == []
+
+
+def test_load_budget_takes_the_stages_recorded_ppo_config_under_the_given_options(tmp_path):
+  from l2jax import config as c
+  from l2jax.experiment_refs import load_config
+  ov = load_config("experiments/overoptimization.py:test")
+  (tmp_path / "config.json").write_text(c.to_json(ov))
+  for f in ("base/config.json", "proxy-64/final/head.json", "prompts/train.jsonl", "prompts/report.jsonl"):
+    (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / f).write_text("{}")
+  ran = load_config(f"experiments/overoptimization.py:{ov.ppo}", ["optim.lr=0.0005", "seed=3", "iterations=5"])
+  (tmp_path / "ppo-64" / "config.json").parent.mkdir()
+  (tmp_path / "ppo-64" / "config.json").write_text(c.to_json(ran))
+  _, proxy, spec, sets, p = bench_gold.load_budget(tmp_path, None, None, None)   # the largest proxy by default
+  stage = bench_gold.ppo_sets(ov, tmp_path.resolve(), 64)
+  assert proxy == 64 and spec == f"experiments/overoptimization.py:{ov.ppo}"
+  assert sets == stage + ["iterations=5", "optim.lr=0.0005", "seed=3"]
+  assert (p.iterations, p.optim.lr, p.seed, p.policy) == (5, 5e-4, 3, str(tmp_path.resolve() / "base"))
+  _, _, _, sets, p = bench_gold.load_budget(tmp_path, 64, 2, 1)           # --iters and --seed win
+  assert sets == stage + ["iterations=2", "seed=1", "optim.lr=0.0005"] and (p.iterations, p.seed) == (2, 1)
+  with pytest.raises(ValueError, match="has proxies"):
+    bench_gold.load_budget(tmp_path, 32, None)

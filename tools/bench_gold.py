@@ -3,8 +3,8 @@
 `trl.experimental.ppo`) on the known-gold over-optimisation benchmark (Gao, Schulman & Hilton 2022, "Scaling Laws
 for Reward Model Overoptimization"; experiments/overoptimization.py), at matched KL and per wall-clock minute.
 
-  python tools/bench.py gold --run RUN_DIR [--proxy N] [--iters K] [--points 4] [--trl-whiten-score]
-      [--torch-threads T] [--json F] [--workdir D]
+  python tools/bench.py gold --run RUN_DIR [--proxy N] [--iters K] [--seed S] [--points 4]
+      [--trl-whiten-score] [--torch-threads T] [--json F] [--workdir D]
 
 RUN_DIR is a finished (or at least proxy-trained) `python -m l2jax.launch experiments/overoptimization.py:tiny`
 run. Both sides get the same base policy (RUN_DIR/base; TRL's an HF export of it), the same proxy reward model
@@ -196,7 +196,7 @@ def recorded_sets(now: dict, recorded: dict, skip: tuple = ()) -> list[str]:
   return out
 
 
-def load_budget(run: Path, proxy: int | None, iters: int | None):
+def load_budget(run: Path, proxy: int | None, iters: int | None, seed: int | None = None):
   """(benchmark config, proxy N, PPO variant spec, its sets, PPO config) of RUN_DIR. Where the stage's own run
   RUN_DIR/ppo-N recorded a config that the experiment file no longer gives, its values are set (the sets end
   with them), so that both sides get the budget that run had."""
@@ -218,11 +218,13 @@ def load_budget(run: Path, proxy: int | None, iters: int | None):
     if not need.is_file():
       raise FileNotFoundError(f"{need}: missing; run the benchmark through its proxies first")
   spec = f"{EXPERIMENT}:{ov.ppo}"
-  sets = ppo_sets(ov, run.resolve(), proxy) + ([f"iterations={iters}"] if iters else [])
+  given = {"iterations": iters, "seed": seed}
+  sets = ppo_sets(ov, run.resolve(), proxy) + [f"{k}={v}" for k, v in given.items() if v is not None]
   cfg = load_config(spec, sets)
   recorded = run / f"ppo-{proxy}" / "config.json"
   if recorded.is_file():
-    more = recorded_sets(c.to_dict(cfg), json.loads(recorded.read_text()), ("iterations",) if iters else ())
+    more = recorded_sets(c.to_dict(cfg), json.loads(recorded.read_text()),
+                         tuple(k for k, v in given.items() if v is not None))
     if more:
       sets += more
       cfg = load_config(spec, sets)
@@ -376,8 +378,10 @@ def run_l2jax(spec: dict) -> dict:
   rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
   rows = sorted((r for r in rows if "t_generate" in r), key=lambda r: r["step"])
   import jax
+  med = lambda k: statistics.median(r[k] for r in rows[1:] or rows)
   return {"impl": f"l2jax (JAX {jax.__version__}, stages.ppo)", "wall_s": {str(k): v for k, v in wall.items()},
-          "iter_s": iter_s, "process_s": total, "snapshots": str(d / "snapshots"),
+          "iter_s": iter_s, "phase_s": {"generate": med("t_generate"), "score": med("t_score"),
+                                        "train": med("t_train")}, "process_s": total, "snapshots": str(d / "snapshots"),
           "train": {"step": [r["step"] for r in rows], "kl": [r["kl"] for r in rows],
                     "score": [r["rc"] for r in rows]}}
 
@@ -486,6 +490,15 @@ def run_trl(spec: dict) -> dict:
       s = out[1]   # l2jax's R~c: the score whitened over the batch (biased variance, eps 1e-8)
       return out[0], (s - s.mean()) * torch.rsqrt(s.var(unbiased=False) + 1e-8), out[2]
     trl_ppo.get_reward = whitened_reward
+  gen_s: list[float] = []
+  generation = trl_ppo.batch_generation
+
+  def timed_generation(*a, **k):
+    t = time.perf_counter()
+    out = generation(*a, **k)
+    gen_s.append(time.perf_counter() - t)
+    return out
+  trl_ppo.batch_generation = timed_generation
   rm_ppo = hf_reward_model(work / "hf_rm_lm")
   clock = Clock()
   trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm_ppo,
@@ -503,6 +516,8 @@ def run_trl(spec: dict) -> dict:
     wall[str(i)] = acc
   return {"impl": f"TRL {trl.__version__} PPOTrainer (torch {torch.__version__}, transformers "
                   f"{transformers.__version__})", "wall_s": wall, "iter_s": iter_s, "save_s": sum(save_s),
+          "phase_s": {"generate": statistics.median(gen_s[1:] or gen_s),
+                      "score + train": statistics.median([t - g for t, g in zip(iter_s, gen_s)][1:] or iter_s)},
           "process_s": total, "rm_check_err": err, "rm_check_rows": len(check["rows"]),
           "torch_threads": torch.get_num_threads(), "snapshots": str(snaps),
           "whiten_score": bool(spec.get("trl_whiten_score")),
@@ -572,6 +587,8 @@ def _args(argv):
   p.add_argument("--run", required=True, help="the over-optimisation run directory (experiments/overoptimization.py)")
   p.add_argument("--proxy", type=int, help="the proxy's training pairs N (RUN_DIR/proxy-N; default the largest)")
   p.add_argument("--iters", type=int, help="PPO iterations on both sides (default: the PPO variant's)")
+  p.add_argument("--seed", type=int, help="PPO seed on both sides (default: the PPO variant's; it also orders the "
+                 "prompts l2jax draws and TRL gets); the measurement's seed stays the benchmark's")
   p.add_argument("--points", type=int, default=4, help="matched KL values compared")
   p.add_argument("--trl-whiten-score", action="store_true",
                  help="whiten TRL's reward-model score over the batch, as l2jax's R~c (a patch of TRL's get_reward)")
@@ -588,7 +605,7 @@ def _args(argv):
 def run(argv: list[str]) -> dict:
   a = _args(argv)
   run_dir = Path(a.run).resolve()
-  ov, proxy, ppo_spec, sets, pcfg = load_budget(run_dir, a.proxy, a.iters)
+  ov, proxy, ppo_spec, sets, pcfg = load_budget(run_dir, a.proxy, a.iters, a.seed)
   budget = trl_settings(pcfg)
   if not trl_available():
     raise SystemExit("bench gold: TRL is not installed here (pip install -e '.[bench]' into its own venv)")
@@ -616,20 +633,22 @@ def run(argv: list[str]) -> dict:
   summary = {k: {**gold_per_minute(s["gold"], s["minutes"]), "s_per_iter": s["s_per_iter"],
                  "first_iter_s": s["first_iter_s"], "train_s": s["train_s"]} for k, s in sides.items()}
   ratio = sides["l2jax"]["s_per_iter"] / sides["trl"]["s_per_iter"]
-  busy = max(float(v.split()[0]) for v in loads.values()) > cores
+  busy = max(float(loads[k].split()[0]) for k in ("prepared", "l2jax", "trl")) > cores   # around the timed runs
   b = budget
   print(f"gold {run_dir.name}, proxy {proxy} pairs: {b['iterations']} PPO iterations of {b['batch_prompts']} "
         f"prompts (minibatch {b['minibatch']}) x {b['max_new_tokens']} new tokens, kl_beta {b['kl_beta']}, lr "
         f"{b['optim']['lr']:g} / value {b['value_optim']['lr']:g}, snapshots every {b['eval_every']}; measured on "
         f"{ov.report_prompts} report openings x {ov.measure_samples} (gold {ov.gold})")
   if sets[len(ppo_sets(ov, run_dir, proxy)):]:
-    print(f"  PPO sets beyond the stage's (--iters, and what {run_dir.name}/ppo-{proxy}/config.json recorded): "
+    print(f"  PPO sets beyond the stage's (--iters, --seed, what {run_dir.name}/ppo-{proxy}/config.json recorded): "
           f"{' '.join(sets[len(ppo_sets(ov, run_dir, proxy)):])}")
   print(f"  l2jax: {l2['impl']}; TRL: {tr['impl']}, {tr['torch_threads']} threads"
         f"{', score whitened' if tr['whiten_score'] else ''}; "
         f"proxy export checked on {tr['rm_check_rows']} rows: max |diff| {tr['rm_check_err']:.1e}")
   print(table(sides, cmp, summary))
-  tag = " (load > cores: contended)" if busy else ""
+  tag = " (load > cores around the timed runs: contended)" if busy else ""
+  phases = lambda r: ", ".join(f"{k} {v:.3f}" for k, v in r["phase_s"].items())
+  print(f"median s per iteration by phase: l2jax {phases(l2)}; TRL {phases(tr)}")
   print(f"l2jax / TRL time per iteration: {ratio:.2f}{tag}; load average (1, 5, 15 min) "
         + ", ".join(f"{k} {v}" for k, v in loads.items()) + f"; {cores} cores")
   goal_gold = "yes" if cmp["gold_at_least"] else ("within 2 se" if cmp["gold_within_2se"] else "no")
@@ -641,7 +660,7 @@ def run(argv: list[str]) -> dict:
         f"{total_ratio:.2f}")
   stage = run_dir / f"ppo-{proxy}" / "gold.json"
   repro = None
-  if stage.is_file() and not a.iters:   # the stage's own run of the same PPO: the rerun should reproduce it
+  if stage.is_file() and a.iters is None and a.seed is None:   # the stage ran this PPO: the rerun reproduces it
     old = json.loads(stage.read_text())
     common = sorted(set(old) & set(ms["l2jax"]))
     if common:
