@@ -5,7 +5,8 @@ shardings, from `jax.ShapeDtypeStruct`s (no parameters, checkpoints or data).
   reward                   train_step (the ranking loss of section 3.2.2 on [pairs, 2, seq] rows), score_step
   rejection                generate (the sampler, K samples per prompt, on one host's chips as the stage runs
                            it), train_step (fine-tuning on the pool)
-  ppo                      generate, score, update (section 3.2.3; `l2jax.stages.ppo.build_programs`)
+  ppo                      generate, score, update (section 3.2.3; `l2jax.stages.ppo.build_programs`; GRPO and
+                           RLOO: batch_prompts x group_size rows, no value model)
 
 An architecture named by a reference (`init`, `policy`, `sampler`: a model directory or an experiment) is read
 from that directory's config.json or that experiment's config, never from its weights.
@@ -207,7 +208,7 @@ def ppo_programs(cfg, mesh) -> list[Program]:
   from l2jax.stages import ppo as ppo_stage
   m = abstract_models(cfg)
   progs = ppo_stage.build_programs(cfg, m, mesh)
-  B, L = cfg.batch_prompts, cfg.prompts.max_prompt_tokens
+  B, L = cfg.rows, cfg.prompts.max_prompt_tokens   # rollout rows: batch_prompts x group_size (GRPO / RLOO)
   i32 = jnp.int32
   _, batch = _batch(mesh, shd.TRAIN_RULES, {"prompt_tokens": ((B, L), i32), "prompt_lens": ((B,), i32),
                                             "is_safety": ((B,), i32), "index": ((B,), i32)})
@@ -218,14 +219,15 @@ def ppo_programs(cfg, mesh) -> list[Program]:
   with shd.use_rules(mesh, shd.TRAIN_RULES):
     resp = jax.eval_shape(progs.generate, *gen_args)
     ro = jax.eval_shape(progs.score, state["params"], frozen, batch, resp)[0]
-  rows = f"{B} prompts x ({L} + {cfg.max_new_tokens}) tokens"
+  rows = f"{B} {'rows' if cfg.grouped else 'prompts'} x ({L} + {cfg.max_new_tokens}) tokens"
   everything = chip_bytes(state) + chip_bytes(frozen)   # live for the whole run: trained state and frozen models
   return [Program("generate", progs.generate, gen_args, mesh, shd.TRAIN_RULES, rows,
                   resident=everything - chip_bytes(state["params"]["policy"])),
           Program("score", progs.score, (state["params"], frozen, batch, resp), mesh, shd.TRAIN_RULES, rows,
                   resident=everything - chip_bytes(state["params"]) - chip_bytes(frozen)),
           Program("update", progs.update, (state, ro), mesh, shd.TRAIN_RULES,
-                  f"{cfg.ppo_epochs} epoch(s) of {B // cfg.minibatch} mini-batches", resident=chip_bytes(frozen))]
+                  f"{cfg.ppo_epochs} epoch(s) of {cfg.batch_prompts // cfg.minibatch} mini-batches",
+                  resident=chip_bytes(frozen))]
 
 
 def programs(cfg, devices) -> list[Program]:

@@ -1,4 +1,4 @@
-"""PPO configs (Llama 2 section 3.2.3): RewardModels, Prompts, PPO."""
+"""PPO configs (Llama 2 section 3.2.3): RewardModels, Prompts, PPO (also GRPO and RLOO: `PPO.estimator`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -84,6 +84,23 @@ class PPO:
   measurements along the run (experiments/overoptimization.py measures gold reward against KL on them).
   device_memory_gib / plan_devices: `--check-sharding` checks the per-device memory plan against this much
   accelerator memory on `plan_devices` devices (0 = the devices present).
+  Group estimators (docs/ppo.md; l2jax/rl/advantages.py), the same rollout, masks, reference and loop:
+  estimator: "gae" (PPO as above), "grpo" (DeepSeekMath section 4.1.2) or "rloo" (Ahmadian et al. 2024). For
+  grpo / rloo each prompt is sampled `group_size` (k >= 2) times in the one generate call, rows of a prompt
+  contiguous (row = prompt * k + sample; an iteration has batch_prompts * k rows); no value model is loaded,
+  trained or saved (value_init, value_optim, value_clip, gamma, lam and whiten_advantages are PPO's alone); the
+  sequence reward is the raw LOGIT(Rc) (not whitened over the batch: the estimator centres, and GRPO scales,
+  within each group, which batch whitening would not change for GRPO and would couple groups for RLOO), minus
+  missing_eos_penalty, minus kl_beta * sum_t k1_t when kl_in = "reward"; its group advantage is put on every
+  response token and the update is the clipped surrogate (clip) of `advantages.policy_loss`.
+  minibatch and micro_batch count prompts like batch_prompts: a mini-batch holds minibatch * k rows (drawn
+  from a permutation of the iteration's rows), so an iteration takes ppo_epochs * batch_prompts / minibatch
+  steps whatever k is. kl_in: "reward" (k1 per token in the reward, Llama 2 / Stiennon et al.; RLOO's sequence
+  reward R - beta * sum k1 as in Ahmadian et al. and TRL's RLOOTrainer) or "loss" (DeepSeekMath's k3 term,
+  + kl_beta * k3 per token in the loss); "" = the estimator's paper default ("loss" for grpo, "reward" else;
+  gae takes "reward" only). loss_normalization: "sequence" (mean over responses of their token means, the
+  original GRPO) or "token" (every response token weighs the same, DAPO; PPO's); "" = "sequence" for grpo,
+  "token" else (gae takes "token" only). `kl_placement` and `normalization` give the resolved values.
   """
   stage: ClassVar[str] = "ppo"
   name: str = "ppo"
@@ -122,6 +139,32 @@ class PPO:
   ckpt: Checkpointing = Checkpointing(every=10, keep=2)
   log_every: int = 1
   tensorboard: bool = True
+  estimator: str = "gae"
+  group_size: int = 1
+  kl_in: str = ""
+  loss_normalization: str = ""
+
+  ESTIMATORS: ClassVar[tuple[str, ...]] = ("gae", "grpo", "rloo")
+
+  @property
+  def grouped(self) -> bool:
+    """True for the group estimators (grpo, rloo): k samples per prompt, no value model."""
+    return self.estimator != "gae"
+
+  @property
+  def kl_placement(self) -> str:
+    """kl_in resolved: "reward" or "loss" ("" = "loss" for grpo, DeepSeekMath; "reward" for gae and rloo)."""
+    return self.kl_in or ("loss" if self.estimator == "grpo" else "reward")
+
+  @property
+  def normalization(self) -> str:
+    """loss_normalization resolved: "sequence" or "token" ("" = "sequence" for grpo, "token" else)."""
+    return self.loss_normalization or ("sequence" if self.estimator == "grpo" else "token")
+
+  @property
+  def rows(self) -> int:
+    """Rows of one iteration's rollout: batch_prompts * group_size."""
+    return self.batch_prompts * self.group_size
 
   def __post_init__(self):
     if self.value_init not in ("helpful", "policy"):
@@ -149,6 +192,26 @@ class PPO:
         raise ValueError(f"{k}: expected >= 0, found {v}")
     if not (0.0 < self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
       raise ValueError(f"gamma={self.gamma}, lam={self.lam}: expected 0 < gamma <= 1 and 0 <= lam <= 1")
+    if self.estimator not in self.ESTIMATORS:
+      raise ValueError(f"estimator: expected one of {', '.join(self.ESTIMATORS)}, found {self.estimator!r}")
+    if self.kl_in not in ("", "reward", "loss"):
+      raise ValueError(f"kl_in: expected 'reward', 'loss' or '' (the estimator's default), found {self.kl_in!r}")
+    if self.loss_normalization not in ("", "token", "sequence"):
+      raise ValueError(f"loss_normalization: expected 'token', 'sequence' or '' (the estimator's default), found "
+                       f"{self.loss_normalization!r}")
+    if not self.grouped:
+      if self.group_size != 1:
+        raise ValueError(f"group_size={self.group_size}: estimator='gae' samples one response per prompt (1); "
+                         f"set estimator='grpo' or 'rloo' for groups")
+      if self.kl_placement != "reward":
+        raise ValueError(f"kl_in={self.kl_in!r}: estimator='gae' (PPO) takes the KL in the reward only ('reward'); "
+                         f"'loss' is for estimator 'grpo' or 'rloo'")
+      if self.normalization != "token":
+        raise ValueError(f"loss_normalization={self.loss_normalization!r}: estimator='gae' (PPO) takes the token-mean "
+                         f"loss only ('token'); 'sequence' is for estimator 'grpo' or 'rloo'")
+    elif self.group_size < 2:
+      raise ValueError(f"group_size={self.group_size}: estimator={self.estimator!r} needs >= 2 samples per prompt "
+                       f"(the baseline comes from the other samples of the same prompt)")
 
 
 __all__ = ["RewardModels", "Prompts", "PPO"]

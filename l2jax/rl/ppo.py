@@ -7,6 +7,9 @@ gradient step per mini-batch"; TRL cannot do this, trl#5645). A mini-batch may b
 whose sums are accumulated, which gives the same step as the whole mini-batch (the losses return sums).
 Losses are token means over the mini-batch's response tokens. state = {"params": {"policy", "value"},
 "opt": {"policy", "value"}, "step", "rng"}.
+The group estimators (GRPO, RLOO) take the same update with `group_policy_loss_fn` (l2jax.rl.advantages'
+clipped surrogate, its "token" or "sequence" normalisation, DeepSeekMath's k3 term) and no value model
+(value_graphdef None: state {"params": {"policy"}, "opt": {"policy"}, ...}).
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ import optax
 from flax import nnx
 
 from l2jax.losses import ppo_policy_loss, ppo_value_loss
+from l2jax.rl import advantages as adv_lib
 from l2jax.rl.rollout import shift_right, token_logprobs
 
 UPDATE_FIELDS = ("tokens", "mask", "logprobs", "values", "advantages", "returns")
+GROUP_UPDATE_FIELDS = ("tokens", "mask", "logprobs", "ref_logprobs", "advantages")
 
 
 def policy_loss_fn(graphdef, clip: float, temperature: float = 1.0) -> Callable:
@@ -30,6 +35,31 @@ def policy_loss_fn(graphdef, clip: float, temperature: float = 1.0) -> Callable:
     lp_bt, _ = token_logprobs(nnx.merge(graphdef, params)(mb["tokens"]), mb["tokens"], temperature)
     s, n, m = ppo_policy_loss(lp_bt, mb["logprobs"], mb["advantages"], mb["mask"], clip)
     return s, (n, m)
+  return loss
+
+
+def group_policy_loss_fn(graphdef, clip: float, temperature: float = 1.0, *, normalization: str = "token",
+                         kl_beta: float = 0.0) -> Callable:
+  """loss(policy_params, mb) -> (loss x count, (count, metrics)) of `advantages.policy_loss` (GRPO / RLOO): the
+  clipped surrogate, + kl_beta * k3 against mb["ref_logprobs"] per token when kl_beta > 0 (DeepSeekMath eq. 3),
+  normalised per token (count = response tokens) or per sequence (count = rows with a response token).
+
+  The mean times its count is a sum, so `accumulated_grads` (sum over micro-batches / total count) gives the
+  whole mini-batch's loss and gradient (DeepSeekMath's per-sequence mean over the mini-batch, or DAPO's token
+  mean). Metrics are weighted by the same count: "clipfrac", "approx_kl", "ratio" and, with the KL term,
+  "kl_loss" (mean k3 per token).
+  """
+  def loss(params, mb):
+    lp_bt, _ = token_logprobs(nnx.merge(graphdef, params)(mb["tokens"]), mb["tokens"], temperature)
+    kl_bt = adv_lib.k3_kl(lp_bt, mb["ref_logprobs"]) if kl_beta > 0 else None
+    mean, m = adv_lib.policy_loss(lp_bt, mb["logprobs"], mb["advantages"], mb["mask"], clip,
+                                  normalization=normalization, kl_bt=kl_bt, beta=kl_beta)
+    tokens_b = jnp.sum(mb["mask"], axis=1)
+    n = jnp.sum(tokens_b if normalization == "token" else tokens_b > 0).astype(jnp.float32)
+    metrics = {"clipfrac": m["clip_frac"], "approx_kl": m["approx_kl"], "ratio": m["ratio"]}
+    if kl_bt is not None:
+      metrics["kl_loss"] = m["kl"]
+    return mean * n, (n, metrics)
   return loss
 
 
@@ -65,11 +95,16 @@ def accumulated_grads(loss_fn: Callable, params: Any, mb: dict, micro: int):
 
 
 def make_update(policy_graphdef, value_graphdef, policy_opt: optax.GradientTransformation,
-                value_opt: optax.GradientTransformation, *, minibatch: int, micro_batch: int, epochs: int,
-                clip: float, value_clip: float, temperature: float = 1.0) -> Callable:
-  """update(state, data {UPDATE_FIELDS: [B, T]}, key_data) -> (new state, metrics averaged over mini-batches)."""
-  p_loss = policy_loss_fn(policy_graphdef, clip, temperature)
-  v_loss = value_loss_fn(value_graphdef, value_clip)
+                value_opt: optax.GradientTransformation | None, *, minibatch: int, micro_batch: int, epochs: int,
+                clip: float, value_clip: float, temperature: float = 1.0,
+                policy_loss: Callable | None = None) -> Callable:
+  """update(state, data {UPDATE_FIELDS: [B, T]}, key_data) -> (new state, metrics averaged over mini-batches).
+
+  minibatch, micro_batch: rows. policy_loss: replaces PPO's (`group_policy_loss_fn`); value_graphdef None: no
+  value model (data holds the fields the policy loss reads, GROUP_UPDATE_FIELDS).
+  """
+  p_loss = policy_loss or policy_loss_fn(policy_graphdef, clip, temperature)
+  v_loss = value_loss_fn(value_graphdef, value_clip) if value_graphdef is not None else None
   micro = minibatch // micro_batch if micro_batch else 1
 
   def update(state, data, key_data):
@@ -80,8 +115,12 @@ def make_update(policy_graphdef, value_graphdef, policy_opt: optax.GradientTrans
 
     def body(carry, idx_k):
       params, opt = carry
-      mb = {k: data[k][idx_k] for k in UPDATE_FIELDS}
+      mb = {k: data[k][idx_k] for k in data}
       g_p, loss_p, m_p = accumulated_grads(p_loss, params["policy"], mb, micro)
+      if v_loss is None:
+        u_p, opt_p = policy_opt.update(g_p, opt["policy"], params["policy"])
+        metrics = {"policy_loss": loss_p, "policy_grad_norm": optax.global_norm(g_p), **m_p}
+        return ({"policy": optax.apply_updates(params["policy"], u_p)}, {"policy": opt_p}), metrics
       g_v, loss_v, m_v = accumulated_grads(v_loss, params["value"], mb, micro)
       u_p, opt_p = policy_opt.update(g_p, opt["policy"], params["policy"])
       u_v, opt_v = value_opt.update(g_v, opt["value"], params["value"])

@@ -1,4 +1,5 @@
-"""PPO rollouts (Llama 2 section 3.2.3): sample one response per prompt from the policy, then score it.
+"""PPO rollouts (Llama 2 section 3.2.3): sample one response per prompt (k per prompt for the group estimators
+GRPO / RLOO) from the policy, then score it.
 
 Two pure functions, each jitted once by the PPO stage with explicit shardings:
 
@@ -8,7 +9,10 @@ Two pure functions, each jitted once by the PPO stage with explicit shardings:
     on each node once before generation" (20x faster generation in their FSDP runs). Decoding is the sampler's
     on-device loop (`l2jax.sample._generate`), one key per row from (seed, iteration, prompt index, row of the
     global batch): a row's tokens do not depend on the batch layout or the number of devices, and a prompt that
-    appears twice in one batch (an epoch boundary can put it there) gets two independent samples.
+    appears twice in one batch (an epoch boundary can put it there) gets two independent samples. The group
+    estimators repeat each prompt k times first (`repeat_groups`: row = prompt * k + sample, one generate call),
+    so a row's key is fixed by (seed, iteration, prompt index, prompt * k + sample) and the k samples of a
+    prompt are k independent draws.
     Sampling is at `temperature` from the whole distribution (top-p is refused by the PPO config): the
     log-probabilities scored below are those of the distribution sampled.
 
@@ -16,6 +20,11 @@ Two pure functions, each jitted once by the PPO stage with explicit shardings:
     Assembles [prompt | response | pad] rows, then one forward pass each of the policy, the frozen reference
     policy, the value model and both reward models over the whole rows; computes R~c = WHITEN(LOGIT(Rc)) over
     the batch, the per-token KL rewards and GAE (l2jax/rl/rewards.py, l2jax/rl/gae.py).
+
+  group_score(params, frozen, batch, responses) -> Rollout   (`make_group_score`: GRPO, RLOO)
+    The same rows, policy, reference and reward models, no value model: the sequence reward is the raw
+    LOGIT(Rc) (minus the missing-EOS penalty, minus beta * sum_t k1_t when the KL is in the reward), its group
+    advantage (l2jax/rl/advantages.py) is put on every response token; no per-token reward, values or returns.
 
 Alignment: position t of every [B, T] array is the token tokens[:, t]; for a response token ("action") at t,
 logprobs[:, t] = log pi_T(tokens[t] | tokens[:t]) and values[:, t] = V(tokens[:t]) (the value model's head read
@@ -34,6 +43,7 @@ from flax import nnx
 
 from l2jax import sharding as shd
 from l2jax.losses import token_nll
+from l2jax.rl import advantages as adv_lib
 from l2jax.rl import gae as gae_lib
 from l2jax.rl import rewards
 
@@ -44,14 +54,16 @@ class Responses(NamedTuple):
 
 
 class Rollout(NamedTuple):
-  """One scored batch (all [B, T] arrays aligned as in the module docstring; float32 unless noted)."""
+  """One scored batch (all [B, T] arrays aligned as in the module docstring; float32 unless noted). The group
+  estimators (`make_group_score`) have no values, rewards, returns or whitened score (None) and fill the last
+  two fields instead."""
   tokens: jax.Array        # int32 [B, T]
   mask: jax.Array          # bool [B, T] response tokens
   logprobs: jax.Array      # [B, T] log pi_theta_old (the policy that sampled), 0 off the mask
   ref_logprobs: jax.Array  # [B, T] log pi_0
   values: jax.Array        # [B, T] V before each response token
   rewards: jax.Array       # [B, T] -beta * KL per token + R~c at the last response token
-  advantages: jax.Array    # [B, T] GAE (whitened over the batch when configured)
+  advantages: jax.Array    # [B, T] GAE (whitened over the batch when configured); group: the row's on its tokens
   returns: jax.Array       # [B, T] advantages (before whitening) + values
   helpful: jax.Array       # [B] raw helpfulness score (logit of Rh)
   safety: jax.Array        # [B] raw safety score (logit of Rs)
@@ -60,6 +72,8 @@ class Rollout(NamedTuple):
   used_safety: jax.Array   # bool [B] Rc took the safety model
   entropy: jax.Array       # [B] mean entropy of the policy over the row's response tokens
   eos: jax.Array           # bool [B] the response ended with EOS
+  seq_reward: Any = None   # [B] group estimators: the sequence reward the estimator sees
+  seq_advantage: Any = None  # [B] group estimators: GRPO / RLOO advantage of the row
 
 
 def assemble(prompt_bp: jax.Array, prompt_lens_b: jax.Array, resp_bn: jax.Array, resp_lens_b: jax.Array,
@@ -108,6 +122,14 @@ def chunked(fn: Callable, chunks: int, *xs):
   return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), out)
 
 
+def repeat_groups(batch: dict, group_size: int) -> dict:
+  """Each prompt row of `batch` repeated group_size times, rows of a prompt contiguous: row = prompt * k + sample
+  (the layout of l2jax.rl.advantages.group_rewards). group_size 1 returns the batch itself."""
+  if group_size == 1:
+    return batch
+  return {k: jnp.repeat(v, group_size, axis=0) for k, v in batch.items()}
+
+
 def make_generate(graphdef, cfg, mesh, sample_shardings, *, max_new_tokens: int, temperature: float,
                   eos_id: int, pad_id: int, chunks: int = 1) -> Callable:
   """generate(policy_params, batch, key_data) -> Responses; batch: prompt_tokens [B, P], prompt_lens, index.
@@ -138,6 +160,16 @@ def make_generate(graphdef, cfg, mesh, sample_shardings, *, max_new_tokens: int,
     return chunked(decode, chunks, prompt_bp, lens_b, limits_b, keys_b)
 
   return generate
+
+
+def sequence_scores(helpful_b, safety_b, is_safety_b, resp: Responses, threshold: float,
+                    eos_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(Rc took the safety model bool [B], LOGIT(Rc) [B], ended with EOS bool [B]) (section 3.2.3)."""
+  used_safety = rewards.select_safety(safety_b, is_safety_b, threshold)
+  score_b = rewards.combine(helpful_b, safety_b, is_safety_b, threshold)
+  last_b = jnp.take_along_axis(resp.tokens_bn, jnp.maximum(resp.lengths_b - 1, 0)[:, None], axis=1)[:, 0]
+  eos_b = (resp.lengths_b > 0) & (last_b == eos_id)
+  return used_safety, score_b, eos_b
 
 
 RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -179,10 +211,7 @@ def make_score(policy_graphdef, ref_graphdef, value_graphdef, reward_fn: RewardF
     helpful_b, safety_b = chunked(lambda t, s, m: reward_fn(frozen, t, s, m), chunks, tokens, seq_mask, mask)
     zero = lambda x: jnp.where(mask, x, 0.0)
     lp, ref_lp, v = zero(lp), zero(ref_lp), zero(v)
-    used_safety = rewards.select_safety(safety_b, batch["is_safety"], threshold)
-    score_b = rewards.combine(helpful_b, safety_b, batch["is_safety"], threshold)
-    last_b = jnp.take_along_axis(resp.tokens_bn, jnp.maximum(resp.lengths_b - 1, 0)[:, None], axis=1)[:, 0]
-    eos_b = (resp.lengths_b > 0) & (last_b == eos_id)
+    used_safety, score_b, eos_b = sequence_scores(helpful_b, safety_b, batch["is_safety"], resp, threshold, eos_id)
     whitened_b = rewards.whiten(score_b) - jnp.where(eos_b, 0.0, missing_eos_penalty)
     r_bt = rewards.token_rewards(whitened_b, lp, ref_lp, mask, kl_beta)
     adv, ret = gae_lib.gae(r_bt, v, mask, gamma, lam)
@@ -191,5 +220,50 @@ def make_score(policy_graphdef, ref_graphdef, value_graphdef, reward_fn: RewardF
     n_b = jnp.maximum(jnp.sum(mask, axis=1), 1)
     return Rollout(tokens, mask, lp, ref_lp, v, r_bt, adv, ret, helpful_b, safety_b, score_b, whitened_b,
                    used_safety, jnp.sum(jnp.where(mask, ent, 0.0), axis=1) / n_b, eos_b)
+
+  return score
+
+
+def make_group_score(policy_graphdef, ref_graphdef, reward_fn: RewardFn, *, estimator: str, group_size: int,
+                     eos_id: int, pad_id: int, kl_beta: float, kl_in: str, threshold: float,
+                     missing_eos_penalty: float, chunks: int = 1, temperature: float = 1.0) -> Callable:
+  """score(params {"policy"}, frozen {"ref", "rm_helpful", "rm_safety"}, batch, responses) -> Rollout for GRPO /
+  RLOO, rows of a prompt contiguous (`repeat_groups`).
+
+  Sequence reward r_b = LOGIT(Rc) - missing_eos_penalty * (no EOS) [- kl_beta * sum_t (log pi - log pi_0) when
+  kl_in == "reward": RLOO's R(x, y) - beta * KL of Ahmadian et al. 2024 section 3 / TRL's RLOOTrainer]. LOGIT(Rc)
+  is raw, not whitened over the batch (section 3.2.3's WHITEN): the estimators centre (and GRPO scales) within each
+  group. A_b = advantages.grpo(r, k) (DeepSeekMath section 4.1.2) or advantages.rloo(r, k), put on the row's
+  response tokens (advantages.broadcast_to_tokens). kl_in == "loss": the reward has no KL; the update adds
+  kl_beta * k3 (advantages.k3_kl) against ref_logprobs.
+  """
+  if estimator not in ("grpo", "rloo"):
+    raise ValueError(f"make_group_score: estimator must be 'grpo' or 'rloo', found {estimator!r}")
+  if kl_in not in ("reward", "loss"):
+    raise ValueError(f"make_group_score: kl_in must be 'reward' or 'loss', found {kl_in!r}")
+  estimate = adv_lib.grpo if estimator == "grpo" else adv_lib.rloo
+
+  def forward(params, frozen, tokens_bt):
+    lp_bt, ent_bt = token_logprobs(nnx.merge(policy_graphdef, params["policy"])(tokens_bt), tokens_bt, temperature)
+    ref_lp_bt, _ = token_logprobs(nnx.merge(ref_graphdef, frozen["ref"])(tokens_bt), tokens_bt, temperature)
+    return lp_bt, ent_bt, ref_lp_bt
+
+  def score(params, frozen, batch, resp: Responses) -> Rollout:
+    tokens, mask, seq_mask = assemble(batch["prompt_tokens"], batch["prompt_lens"], resp.tokens_bn,
+                                      resp.lengths_b, pad_id)
+    tokens = shd.constrain(tokens, ("batch", "seq"))
+    lp, ent, ref_lp = chunked(lambda t: forward(params, frozen, t), chunks, tokens)
+    helpful_b, safety_b = chunked(lambda t, s, m: reward_fn(frozen, t, s, m), chunks, tokens, seq_mask, mask)
+    zero = lambda x: jnp.where(mask, x, 0.0)
+    lp, ref_lp = zero(lp), zero(ref_lp)
+    used_safety, score_b, eos_b = sequence_scores(helpful_b, safety_b, batch["is_safety"], resp, threshold, eos_id)
+    seq_b = score_b - jnp.where(eos_b, 0.0, missing_eos_penalty)
+    if kl_in == "reward":
+      seq_b = seq_b - kl_beta * rewards.kl_stats(lp, ref_lp, mask)["k1"]
+    adv_b = estimate(seq_b, group_size)
+    n_b = jnp.maximum(jnp.sum(mask, axis=1), 1)
+    return Rollout(tokens, mask, lp, ref_lp, None, None, adv_lib.broadcast_to_tokens(adv_b, mask), None,
+                   helpful_b, safety_b, score_b, None, used_safety,
+                   jnp.sum(jnp.where(mask, ent, 0.0), axis=1) / n_b, eos_b, seq_b, adv_b)
 
   return score

@@ -1,4 +1,5 @@
-"""PPO on the combined safety / helpfulness reward (Llama 2 section 3.2.3). docs/ppo.md has the details.
+"""PPO on the combined safety / helpfulness reward (Llama 2 section 3.2.3), and GRPO / RLOO as the same rollout
+with group advantages (`PPO.estimator`). docs/ppo.md has the details.
 
 run(cfg, run_dir): loads the policy (also the frozen reference pi_0), both reward models (frozen, in
 `frozen_dtype`) and the value model (from the helpfulness RM, or the policy's backbone with a fresh head);
@@ -17,6 +18,12 @@ lengths, EOS rate, safety share, timings), samples.jsonl, eval metrics every `ev
 stopping on held-out mean Rc, ppo.png, final/ (the policy: best evaluation, else last), value/ (the last value
 model, also after an early stop). `--check-sharding`: the memory plan (l2jax/stages/ppo_plan.py, arithmetic
 only) and, for small models, one iteration on the mesh against one device (`check_sharding_report`).
+GRPO / RLOO (estimator "grpo" / "rloo", l2jax/rl/advantages.py): the step first repeats each prompt group_size
+times (rows of a prompt contiguous), generate draws all rows in one call, score has no value model and puts each
+row's group advantage on its tokens (rollout.make_group_score), update trains the policy alone with
+advantages.policy_loss; no value model is loaded, trained or saved (no value/), and the memory plan and the
+`--aot` programs leave it out. Evaluations answer one response per held-out prompt, batch_prompts * group_size
+prompts per call (the programs' shapes).
 """
 from __future__ import annotations
 
@@ -41,7 +48,6 @@ from l2jax.data import prompts as prompts_lib
 from l2jax.data.tokenizer import Tokenizer
 from l2jax.model import heads, llama
 from l2jax.model.config import LlamaConfig
-from l2jax.rl import gae as gae_lib
 from l2jax.rl import ppo as ppo_lib
 from l2jax.rl import rollout as ro_lib
 from l2jax.rl.rewards import kl_stats
@@ -67,10 +73,15 @@ class EarlyStop(Exception):
 class Models:
   tokenizer: Tokenizer
   policy_cfg: Any
-  value_cfg: Any
+  value_cfg: Any           # None for the group estimators (no value model)
   graphdefs: dict          # policy, ref, value, rm_helpful, rm_safety
   axes: dict               # logical axes: policy, value, ref, rm_helpful, rm_safety
   host: dict               # host numpy params: policy, value, ref, rm_helpful, rm_safety
+
+
+def trained(cfg: c.PPO) -> tuple[str, ...]:
+  """The trained models: policy and value model (PPO), the policy alone (GRPO, RLOO)."""
+  return ("policy",) if cfg.grouped else ("policy", "value")
 
 
 def _scalar_graph(cfg) -> tuple[Any, Any]:
@@ -92,14 +103,16 @@ def model_graphs(cfg: c.PPO, pol_cfg, value_cfg, rm_cfgs: dict) -> tuple[dict, d
   graphdefs["policy"] = llama.split(llama.abstract(pol_cfg))[0]
   axes["policy"] = axes["ref"] = llama.logical_axes(llama.abstract(pol_cfg))
   graphdefs["ref"] = llama.split(llama.abstract(pol_cfg.replace(**frozen)))[0]
-  graphdefs["value"], axes["value"] = _scalar_graph(value_cfg)
+  if value_cfg is not None:
+    graphdefs["value"], axes["value"] = _scalar_graph(value_cfg)
   for name, rcfg in rm_cfgs.items():
     graphdefs[name], axes[name] = _scalar_graph(rcfg.replace(**frozen))
   return graphdefs, axes
 
 
 def load_models(cfg: c.PPO) -> Models:
-  """Policy (= reference), value model and both reward models, as host arrays; shapes and vocabularies checked."""
+  """Policy (= reference), value model (PPO only) and both reward models, as host arrays; shapes and vocabularies
+  checked."""
   numerics = {k: getattr(cfg.model, k) for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl")}
   if not cfg.policy:
     raise ValueError("policy: set an l2jax checkpoint directory or an experiment reference (experiments/sft.py:ARG)")
@@ -118,7 +131,9 @@ def load_models(cfg: c.PPO) -> Models:
       raise ValueError(f"{d}: reward model vocab_size {rcfg.vocab_size} != the policy's {pol_cfg.vocab_size}; "
                        f"they must share the tokenizer")
     rm_cfgs[name], rms[name] = rcfg, params
-  if cfg.value_init == "helpful":
+  if cfg.grouped:
+    value_cfg, value = None, None
+  elif cfg.value_init == "helpful":
     value_cfg, value = rm_cfgs["rm_helpful"].replace(**numerics), rms["rm_helpful"]
   else:
     value_cfg = pol_cfg
@@ -126,7 +141,7 @@ def load_models(cfg: c.PPO) -> Models:
     value = {"backbone": heads.backbone_params(pol), "head": jax.device_get(head)}
   graphdefs, axes = model_graphs(cfg, pol_cfg, value_cfg, rm_cfgs)
   host = {"policy": _cast(pol, pol_cfg.param_dtype), "ref": _cast(pol, cfg.frozen_dtype),
-          "value": _cast(value, value_cfg.param_dtype),
+          **({"value": _cast(value, value_cfg.param_dtype)} if value is not None else {}),
           **{k: _cast(v, cfg.frozen_dtype) for k, v in rms.items()}}
   return Models(tok, pol_cfg, value_cfg, graphdefs, axes, host)
 
@@ -171,19 +186,6 @@ def _keys(rng, step, purpose: int):
   return jax.random.key_data(k)
 
 
-def rollout_stats(ro: ro_lib.Rollout, threshold_logit: float) -> dict:
-  """Scalar means over the batch: the metrics users of TRL / OpenRLHF look for."""
-  kl = kl_stats(ro.logprobs, ro.ref_logprobs, ro.mask)
-  n_b = jnp.sum(ro.mask, axis=1).astype(jnp.float32)
-  return {"rh": jnp.mean(ro.helpful), "rs": jnp.mean(ro.safety), "rc": jnp.mean(ro.score),
-          "rc_whitened": jnp.mean(ro.whitened), "violation_rate": jnp.mean(ro.safety < threshold_logit),
-          "kl": jnp.mean(kl["k1"]), "kl_k3": jnp.mean(kl["k3"]), "entropy": jnp.mean(ro.entropy),
-          "reward_total": jnp.mean(jnp.sum(ro.rewards, axis=1)), "response_len": jnp.mean(n_b),
-          "eos_rate": jnp.mean(ro.eos), "safety_share": jnp.mean(ro.used_safety),
-          "explained_variance": gae_lib.explained_variance(ro.values, ro.returns, ro.mask),
-          "value_mean": jnp.sum(ro.values) / jnp.maximum(jnp.sum(n_b), 1.0)}
-
-
 @dataclasses.dataclass
 class Programs:
   generate: Any
@@ -195,37 +197,60 @@ class Programs:
   threshold_logit: float
   samples: int
   abstract_state: Any
-  init_state: Any           # params {"policy", "value"} -> a fresh state
+  init_state: Any           # params {"policy", "value"} (grpo / rloo: {"policy"}) -> a fresh state
   frozen_shardings: Any = None
+  expand: Any = None        # grpo / rloo: prompt batch -> group_size rows per prompt (rollout.repeat_groups)
 
 
 def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
+  """The three programs (generate, score, update) of one iteration; for grpo / rloo also `expand`, and score and
+  update without the value model."""
   tok = m.tokenizer
   rules = shd.TRAIN_RULES
+  names = trained(cfg)
   sh = lambda name: shd.tree_shardings(m.axes[name], mesh, rules, m.host[name])
-  p_sh = {"policy": sh("policy"), "value": sh("value")}
+  p_sh = {k: sh(k) for k in names}
   f_sh = {k: sh(k) for k in ("ref", "rm_helpful", "rm_safety")}
   sample_sh = shd.tree_shardings(m.axes["policy"], mesh, shd.SAMPLE_RULES, m.host["policy"])
   updates = cfg.iterations * cfg.ppo_epochs * cfg.batch_prompts // cfg.minibatch
-  policy_opt, value_opt = train.make_optimizer(cfg.optim, updates), train.make_optimizer(cfg.value_optim, updates)
+  opts = {"policy": train.make_optimizer(cfg.optim, updates)}
+  if not cfg.grouped:
+    opts["value"] = train.make_optimizer(cfg.value_optim, updates)
   def init_state(p):
-    return {"params": p, "opt": {"policy": policy_opt.init(p["policy"]), "value": value_opt.init(p["value"])},
+    return {"params": p, "opt": {k: opts[k].init(p[k]) for k in names},
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(cfg.seed))}
-  abstract_state = jax.eval_shape(init_state, {"policy": m.host["policy"], "value": m.host["value"]})
-  st_sh = train.state_shardings(abstract_state, {"policy": m.axes["policy"], "value": m.axes["value"]}, mesh, rules)
+  abstract_state = jax.eval_shape(init_state, {k: m.host[k] for k in names})
+  st_sh = train.state_shardings(abstract_state, {k: m.axes[k] for k in names}, mesh, rules)
   gen = ro_lib.make_generate(m.graphdefs["policy"], m.policy_cfg, mesh, sample_sh, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id,
                              chunks=cfg.generate_chunks)
   chunks = cfg.batch_prompts // cfg.micro_batch if cfg.micro_batch else 1
   reward_fn = reward_fn or ro_lib.reward_model_fn(m.graphdefs["rm_helpful"], m.graphdefs["rm_safety"])
-  score = ro_lib.make_score(m.graphdefs["policy"], m.graphdefs["ref"], m.graphdefs["value"], reward_fn,
-                            eos_id=tok.eos_id, pad_id=tok.pad_id, kl_beta=cfg.kl_beta, gamma=cfg.gamma, lam=cfg.lam,
-                            threshold=cfg.reward_models.safety_threshold,
-                            missing_eos_penalty=cfg.missing_eos_penalty, whiten_advantages=cfg.whiten_advantages,
-                            chunks=chunks, temperature=cfg.temperature)
-  update = ppo_lib.make_update(m.graphdefs["policy"], m.graphdefs["value"], policy_opt, value_opt,
-                               minibatch=cfg.minibatch, micro_batch=cfg.micro_batch, epochs=cfg.ppo_epochs,
-                               clip=cfg.clip, value_clip=cfg.value_clip, temperature=cfg.temperature)
+  k_group = cfg.group_size
+  if cfg.grouped:   # mini-batches and micro-batches count prompts: k rows each
+    score = ro_lib.make_group_score(m.graphdefs["policy"], m.graphdefs["ref"], reward_fn, estimator=cfg.estimator,
+                                    group_size=k_group, eos_id=tok.eos_id, pad_id=tok.pad_id, kl_beta=cfg.kl_beta,
+                                    kl_in=cfg.kl_placement, threshold=cfg.reward_models.safety_threshold,
+                                    missing_eos_penalty=cfg.missing_eos_penalty, chunks=chunks,
+                                    temperature=cfg.temperature)
+    loss = ppo_lib.group_policy_loss_fn(m.graphdefs["policy"], cfg.clip, cfg.temperature,
+                                        normalization=cfg.normalization,
+                                        kl_beta=cfg.kl_beta if cfg.kl_placement == "loss" else 0.0)
+    update = ppo_lib.make_update(m.graphdefs["policy"], None, opts["policy"], None,
+                                 minibatch=cfg.minibatch * k_group, micro_batch=cfg.micro_batch * k_group,
+                                 epochs=cfg.ppo_epochs, clip=cfg.clip, value_clip=cfg.value_clip,
+                                 temperature=cfg.temperature, policy_loss=loss)
+    fields = ppo_lib.GROUP_UPDATE_FIELDS
+  else:
+    score = ro_lib.make_score(m.graphdefs["policy"], m.graphdefs["ref"], m.graphdefs["value"], reward_fn,
+                              eos_id=tok.eos_id, pad_id=tok.pad_id, kl_beta=cfg.kl_beta, gamma=cfg.gamma,
+                              lam=cfg.lam, threshold=cfg.reward_models.safety_threshold,
+                              missing_eos_penalty=cfg.missing_eos_penalty, whiten_advantages=cfg.whiten_advantages,
+                              chunks=chunks, temperature=cfg.temperature)
+    update = ppo_lib.make_update(m.graphdefs["policy"], m.graphdefs["value"], opts["policy"], opts["value"],
+                                 minibatch=cfg.minibatch, micro_batch=cfg.micro_batch, epochs=cfg.ppo_epochs,
+                                 clip=cfg.clip, value_clip=cfg.value_clip, temperature=cfg.temperature)
+    fields = ppo_lib.UPDATE_FIELDS
   thr = float(np.log(cfg.reward_models.safety_threshold) - np.log1p(-cfg.reward_models.safety_threshold))
   k = cfg.samples_logged
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -237,12 +262,22 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
     ro = score(params, frozen, batch, resp)
     picked = {"sample_tokens": ro.tokens[:k], "sample_mask": ro.mask[:k], "sample_index": batch["index"][:k],
               "sample_rh": ro.helpful[:k], "sample_rs": ro.safety[:k], "sample_rc": ro.score[:k]}
+    if cfg.grouped:   # per row: the sequence reward, its group advantage, its KL (k1)
+      picked.update(sample_reward=ro.seq_reward[:k], sample_advantage=ro.seq_advantage[:k],
+                    sample_kl=kl_stats(ro.logprobs, ro.ref_logprobs, ro.mask)["k1"][:k])
+      stats = out.group_stats(ro, thr, k_group)
+    else:
+      stats = out.rollout_stats(ro, thr)
     picked = jax.lax.with_sharding_constraint(picked, jax.tree.map(lambda _: rep, picked))
-    return ro, {**rollout_stats(ro, thr), "gen_tokens": jnp.sum(resp.lengths_b).astype(jnp.float32)}, picked
+    return ro, {**stats, "gen_tokens": jnp.sum(resp.lengths_b).astype(jnp.float32)}, picked
 
   def update_fn(state, ro):
-    data = {f: getattr(ro, f) for f in ppo_lib.UPDATE_FIELDS}
+    data = {f: getattr(ro, f) for f in fields}
     new, metrics = update(state, data, _keys(state["rng"], state["step"], 1))
+    if cfg.grouped:
+      metrics["finite"] = train.all_finite(metrics["policy_loss"], metrics["policy_grad_norm"], new["params"])
+      metrics["loss"] = metrics["policy_loss"]
+      return new, metrics
     metrics["finite"] = train.all_finite(metrics["policy_loss"], metrics["value_loss"], metrics["policy_grad_norm"],
                                          metrics["value_grad_norm"], new["params"])
     metrics["loss"] = metrics["policy_loss"] + metrics["value_loss"]
@@ -252,12 +287,15 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
   if not isinstance(jax.tree.leaves(m.host["ref"])[0], jax.ShapeDtypeStruct):
     with shd.use_rules(mesh, rules):
       frozen = {k: shd.put(m.host[k], f_sh[k]) for k in f_sh}
+  expand = None
+  if cfg.grouped:   # out: the rows split over the batch axes, as the loop places a batch
+    expand = jax.jit(lambda b: ro_lib.repeat_groups(b, k_group), out_shardings=shd.batch_sharding(mesh, rules, 1))
   return Programs(
       generate=jax.jit(gen_fn, in_shardings=(p_sh["policy"], None, rep, rep, rep)),
       score=jax.jit(score_fn, in_shardings=(p_sh, f_sh, None, None)),
       update=jax.jit(update_fn, in_shardings=(st_sh, None), out_shardings=(st_sh, None), donate_argnums=0),
       mesh=mesh, state_shardings=st_sh, frozen=frozen, threshold_logit=thr, samples=k,
-      abstract_state=abstract_state, init_state=init_state, frozen_shardings=f_sh)
+      abstract_state=abstract_state, init_state=init_state, frozen_shardings=f_sh, expand=expand)
 
 
 class PPOStep:
@@ -272,6 +310,8 @@ class PPOStep:
       raise EarlyStop(state)
     p = self.p
     with shd.use_rules(p.mesh, self.rules):
+      if p.expand is not None:
+        batch = p.expand(batch)
       t0 = time.perf_counter()
       resp = jax.block_until_ready(p.generate(state["params"]["policy"], batch, state["rng"], state["step"], ZERO))
       t1 = time.perf_counter()
@@ -312,7 +352,7 @@ def one_iteration(cfg: c.PPO, mesh):
   batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts,
                                       prompt_len=cfg.prompts.max_prompt_tokens, seed=cfg.seed,
                                       pad_id=m.tokenizer.pad_id)
-  params = {k: shd.put(m.host[k], progs.state_shardings["params"][k]) for k in ("policy", "value")}
+  params = {k: shd.put(m.host[k], progs.state_shardings["params"][k]) for k in trained(cfg)}
   state = jax.jit(progs.init_state, out_shardings=progs.state_shardings)(params)
   step = PPOStep(progs, cfg.prompts.max_prompt_tokens + cfg.max_new_tokens)
   state, met = step(state, shd.global_batch(next(batches), mesh))
@@ -346,19 +386,24 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
   s, ev = data.stats["train"], data.stats["eval"]
+  group = (f" x {cfg.group_size} samples ({cfg.estimator}, KL in the {cfg.kl_placement}, {cfg.normalization}-mean "
+           f"loss)" if cfg.grouped else "")
   print(f"ppo: {s['kept']} training prompts ({s['safety']} safety; {s['dropped_too_long']} longer than "
         f"{P} tokens dropped, {s['duplicates']} duplicates, {s['skipped_bad']} bad records skipped), "
         f"{ev['prompts']} evaluation prompts ({ev['safety_share']:.0%} safety: {ev['by_stratum']}); "
-        f"{cfg.iterations} iterations of {cfg.batch_prompts} prompts, {cfg.batch_prompts // cfg.minibatch} "
+        f"{cfg.iterations} iterations of {cfg.batch_prompts} prompts{group}, {cfg.batch_prompts // cfg.minibatch} "
         f"mini-batch steps each", file=sys.stderr)
   progs = build_programs(cfg, m, mesh, reward_fn)
   batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts, prompt_len=P,
                                       seed=cfg.seed, pad_id=m.tokenizer.pad_id, process_index=jax.process_index(),
                                       process_count=jax.process_count())
-  identity = {"stage": "ppo", "name": cfg.name, "init": cfg.policy, "value_init": cfg.value_init,
+  identity = {"stage": "ppo", "name": cfg.name, "init": cfg.policy,
               "policy": {k: getattr(m.policy_cfg, k) for k in ("vocab_size", "dim", "n_layers", "n_heads",
-                                                               "n_kv_heads", "ffn_dim")},
-              "value": {k: getattr(m.value_cfg, k) for k in ("dim", "n_layers")}}
+                                                               "n_kv_heads", "ffn_dim")}}
+  if cfg.grouped:   # no value model; the estimator and the group fix the state's meaning
+    identity.update(estimator=cfg.estimator, group_size=cfg.group_size)
+  else:
+    identity.update(value_init=cfg.value_init, value={k: getattr(m.value_cfg, k) for k in ("dim", "n_layers")})
   ck = ckpt_lib.TrainCheckpointer(run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save, identity=identity)
   state = out.init_or_resume(cfg, ck, progs, m, batches)
   step = PPOStep(progs, P + N)
@@ -379,8 +424,9 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
     try:
       result = train.run(step, state, batches, total_steps=cfg.iterations, run_dir=run_dir, ckpt=ck,
                          ckpt_every=cfg.ckpt.every, mesh=mesh, log_every=cfg.log_every, hooks=hooks,
-                         tokens_per_step=cfg.batch_prompts * (P + N), tensorboard=cfg.tensorboard,
-                         description="ppo", outputs_fn=out.samples_writer(run_dir, m.tokenizer, data.train))
+                         tokens_per_step=cfg.rows * (P + N), tensorboard=cfg.tensorboard,
+                         description=cfg.estimator if cfg.grouped else "ppo",
+                         outputs_fn=out.samples_writer(run_dir, m.tokenizer, data.train))
       status, last_state = result.status, result.state
     except EarlyStop as stop:
       print(f"ppo: early stop: {cfg.patience} evaluations without a better held-out Rc; best iteration "

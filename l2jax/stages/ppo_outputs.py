@@ -1,5 +1,6 @@
-"""The PPO stage's state set-up, held-out evaluation with early stopping, and what it writes (samples.jsonl,
-final/, value/, ppo.png). The loop itself is `l2jax.train.run`; the programs are in l2jax/stages/ppo.py.
+"""The PPO stage's state set-up, held-out evaluation with early stopping, and what it writes (the rollout's
+metrics, samples.jsonl, final/, value/ (PPO only: GRPO and RLOO have no value model), ppo.png). The loop itself is `l2jax.train.run`; the
+programs are in l2jax/stages/ppo.py.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from l2jax import checkpoint as ckpt_lib
 from l2jax import sharding as shd
+from l2jax.rl import gae as gae_lib
 from l2jax.rl.rewards import kl_stats
 
 EARLY = "early_stop.json"
@@ -33,8 +35,7 @@ def init_or_resume(cfg, ck, progs, m, batches) -> dict:
     batches.set_state(data_state)
     print(f"resumed from {ck.dir}/{latest}", file=sys.stderr)
     return state
-  params = {"policy": shd.put(m.host["policy"], st_sh["params"]["policy"]),
-            "value": shd.put(m.host["value"], st_sh["params"]["value"])}
+  params = {k: shd.put(m.host[k], st_sh["params"][k]) for k in st_sh["params"]}   # policy (and value)
   return jax.jit(progs.init_state, out_shardings=st_sh)(params)
 
 
@@ -79,6 +80,37 @@ class EarlyStopping:
       os.replace(tmp, self.path)
 
 
+# ----------------------------------------------------------------------------------------------- metrics
+
+def rollout_stats(ro, threshold_logit: float) -> dict:
+  """Scalar means over the batch: the metrics users of TRL / OpenRLHF look for."""
+  kl = kl_stats(ro.logprobs, ro.ref_logprobs, ro.mask)
+  n_b = jnp.sum(ro.mask, axis=1).astype(jnp.float32)
+  return {"rh": jnp.mean(ro.helpful), "rs": jnp.mean(ro.safety), "rc": jnp.mean(ro.score),
+          "rc_whitened": jnp.mean(ro.whitened), "violation_rate": jnp.mean(ro.safety < threshold_logit),
+          "kl": jnp.mean(kl["k1"]), "kl_k3": jnp.mean(kl["k3"]), "entropy": jnp.mean(ro.entropy),
+          "reward_total": jnp.mean(jnp.sum(ro.rewards, axis=1)), "response_len": jnp.mean(n_b),
+          "eos_rate": jnp.mean(ro.eos), "safety_share": jnp.mean(ro.used_safety),
+          "explained_variance": gae_lib.explained_variance(ro.values, ro.returns, ro.mask),
+          "value_mean": jnp.sum(ro.values) / jnp.maximum(jnp.sum(n_b), 1.0)}
+
+
+def group_stats(ro, threshold_logit: float, group_size: int) -> dict:
+  """`rollout_stats` for GRPO / RLOO: no value model or whitened score; the sequence reward the estimator sees
+  (reward_total), its spread within groups (group_reward_std: mean over groups of the unbiased std, GRPO's) and
+  the share of groups whose rewards are all equal (zero_std_groups: std < 1e-6; those rows get no gradient)."""
+  kl = kl_stats(ro.logprobs, ro.ref_logprobs, ro.mask)
+  n_b = jnp.sum(ro.mask, axis=1).astype(jnp.float32)
+  r_gk = ro.seq_reward.reshape(-1, group_size)
+  std_g = jnp.std(r_gk, axis=1, ddof=1)
+  return {"rh": jnp.mean(ro.helpful), "rs": jnp.mean(ro.safety), "rc": jnp.mean(ro.score),
+          "violation_rate": jnp.mean(ro.safety < threshold_logit), "kl": jnp.mean(kl["k1"]),
+          "kl_k3": jnp.mean(kl["k3"]), "entropy": jnp.mean(ro.entropy), "reward_total": jnp.mean(ro.seq_reward),
+          "group_reward_std": jnp.mean(std_g), "zero_std_groups": jnp.mean(std_g < 1e-6),
+          "advantage_abs": jnp.mean(jnp.abs(ro.seq_advantage)), "response_len": jnp.mean(n_b),
+          "eos_rate": jnp.mean(ro.eos), "safety_share": jnp.mean(ro.used_safety)}
+
+
 def replace_model_dir(dst: Path, write) -> None:
   """Write a model directory with write(tmp_dir) beside `dst`, then swap it in (never a half-written dst)."""
   dst = Path(dst)
@@ -106,8 +138,9 @@ def evaluate(cfg, progs, m, data, state) -> dict:
   """The evaluation set (ppo.load_prompts: a stratified sample of the held-out "select" half) answered by the
   current policy (same sampling settings, the same key at every evaluation): mean raw Rc, Rh, Rs (logits), KL
   to pi_0 (k1, per response), violation rate (share with Rs < 0.15); Rc apart over its safety and its helpful
-  prompts, and the safety share of the set (what the mean Rc that selects final/ is made of)."""
-  B = cfg.batch_prompts
+  prompts, and the safety share of the set (what the mean Rc that selects final/ is made of). GRPO / RLOO: one
+  response per prompt too, batch_prompts * group_size prompts per call (the training rollout's shapes)."""
+  B = cfg.rows
   n_proc, pid = jax.process_count(), jax.process_index()
   ids, prompts = data.held_ids, data.held
   sums = {"eval_rc": 0.0, "eval_rh": 0.0, "eval_rs": 0.0, "eval_kl": 0.0, "eval_violation_rate": 0.0,
@@ -227,16 +260,20 @@ def samples_writer(run_dir: Path, tok, prompts):
         toks, mask = arrays["sample_tokens"][r], arrays["sample_mask"][r].astype(bool)
         resp = [int(t) for t in toks[mask] if int(t) != tok.eos_id]
         p = prompts[int(arrays["sample_index"][r])]
-        f.write(json.dumps({"iteration": step, "prompt": list(p.messages), "is_safety": bool(p.is_safety),
-                            "response": tok.decode(resp), "response_tokens": int(mask.sum()),
-                            "rh": float(arrays["sample_rh"][r]), "rs": float(arrays["sample_rs"][r]),
-                            "rc": float(arrays["sample_rc"][r])}) + "\n")
+        row = {"iteration": step, "prompt": list(p.messages), "is_safety": bool(p.is_safety),
+               "response": tok.decode(resp), "response_tokens": int(mask.sum()),
+               "rh": float(arrays["sample_rh"][r]), "rs": float(arrays["sample_rs"][r]),
+               "rc": float(arrays["sample_rc"][r])}
+        for k in ("reward", "advantage", "kl"):   # GRPO / RLOO: the estimator's input and output, the KL (k1)
+          if f"sample_{k}" in arrays:
+            row[k] = float(arrays[f"sample_{k}"][r])
+        f.write(json.dumps(row) + "\n")
   return write
 
 
 def write_final(run_dir: Path, m, state, early: EarlyStopping) -> None:
   """final/ = the best evaluated policy (run_dir/best) when evaluations ran, else the last; value/ = the last
-  value model (a reward-model-style directory: l2jax.reward.load opens it)."""
+  value model (a reward-model-style directory: l2jax.reward.load opens it; none for GRPO / RLOO)."""
   run_dir = Path(run_dir)
   best = run_dir / BEST
   if early.best_step is not None and (best / ckpt_lib.CONFIG).is_file():
@@ -246,7 +283,7 @@ def write_final(run_dir: Path, m, state, early: EarlyStopping) -> None:
   elif state is not None:
     save_policy(run_dir / "final", m, state["params"]["policy"])
     print(f"wrote {run_dir / 'final'} (the last policy)", file=sys.stderr)
-  if state is not None:
+  if state is not None and "value" in state["params"]:
     head = json.dumps({"kind": "value_model", "objective": "value", "init": "PPO value model",
                        "pooling": "last non-padding token (ScalarModel); values(): every position"}, indent=2)
     replace_model_dir(run_dir / "value", lambda d: ckpt_lib.save_model_dir(

@@ -10,6 +10,8 @@ parameter's bytes divided by the mesh axes its logical axes map to under the rul
   train:    + gradients, one micro-batch's saved block inputs (remat) and logits.
 Peak = resident + the largest phase; it must fit `device_memory_gib`. This module is arithmetic only; the
 one-iteration comparison on the mesh is the stage's own (l2jax.stages.ppo.check_sharding).
+GRPO / RLOO (`estimator`): no value model (its parameters, moments, gradients and activations are left out), and
+the rows of generate, score and train are group_size per prompt.
 """
 from __future__ import annotations
 
@@ -69,6 +71,8 @@ def plan(cfg, n_devices: int) -> dict:
   rm_h = _arch(cfg.reward_models.helpful, pol)
   rm_s = _arch(cfg.reward_models.safety, pol)
   val = (rm_h if cfg.value_init == "helpful" else pol).replace(**num)
+  value = not getattr(cfg, "grouped", False)   # GRPO / RLOO: no value model
+  k = getattr(cfg, "group_size", 1)            # rows per prompt
   T = cfg.prompts.max_prompt_tokens + cfg.max_new_tokens
   batch_shards = mesh["dcn"] * mesh["data"] * mesh["fsdp"]
   tensor = mesh["tensor"]
@@ -85,43 +89,49 @@ def plan(cfg, n_devices: int) -> dict:
   gib = lambda b: b / GIB
   pp, pa = lm(pol)
   vp, va = scalar(val)
-  items = {
-      "policy params": tree_bytes(pp, pa, mesh, R), "policy AdamW moments": 2 * tree_bytes(pp, pa, mesh, R),
-      "value params": tree_bytes(vp, va, mesh, R), "value AdamW moments": 2 * tree_bytes(vp, va, mesh, R),
+  items = {"policy params": tree_bytes(pp, pa, mesh, R), "policy AdamW moments": 2 * tree_bytes(pp, pa, mesh, R)}
+  if value:
+    items.update({"value params": tree_bytes(vp, va, mesh, R), "value AdamW moments": 2 * tree_bytes(vp, va, mesh, R)})
+  items.update({
       "reference (frozen)": tree_bytes(pp, pa, mesh, R, cfg.frozen_dtype),
       "helpfulness RM (frozen)": tree_bytes(*scalar(rm_h), mesh, R, cfg.frozen_dtype),
-      "safety RM (frozen)": tree_bytes(*scalar(rm_s), mesh, R, cfg.frozen_dtype)}
+      "safety RM (frozen)": tree_bytes(*scalar(rm_s), mesh, R, cfg.frozen_dtype)})
   cd = np.dtype(jax.numpy.dtype(pol.dtype)).itemsize
-  rows_gen = max(cfg.batch_prompts // cfg.generate_chunks // batch_shards, 1)
+  rows_gen = max(cfg.batch_prompts * k // cfg.generate_chunks // batch_shards, 1)
   kv_heads = pol.n_kv_heads // tensor if pol.n_kv_heads % tensor == 0 else pol.n_kv_heads
   phases = {
       "generate": {"policy in the sampling layout": tree_bytes(pp, pa, mesh, shd.SAMPLE_RULES, pol.dtype),
                    "KV cache": 2.0 * pol.n_layers * rows_gen * T * kv_heads * pol.head_dim * cd}}
-  chunk_rows = max((cfg.micro_batch or cfg.batch_prompts) // batch_shards, 1)
+  chunk_rows = max((cfg.micro_batch or cfg.batch_prompts) * k // batch_shards, 1)
   vocab = pol.vocab_size // tensor if pol.vocab_size % tensor == 0 else pol.vocab_size
   phases["score"] = {"logits of policy and reference (one chunk)": 2 * 3 * 4.0 * chunk_rows * T * vocab}
-  micro_rows = max((cfg.micro_batch or cfg.minibatch) // batch_shards, 1)
+  micro_rows = max((cfg.micro_batch or cfg.minibatch) * k // batch_shards, 1)
   saved = pol.n_layers if pol.remat != "none" else pol.n_layers * 8
   # the TPU compiler (l2jax.aot, docs/tpu.md) showed the first version of this phase 15 GiB low at 70B: it left
   # out the value model's activations and, with micro-batches, the float32 accumulators beside each gradient
-  grads = tree_bytes(pp, pa, mesh, R, "float32") + tree_bytes(vp, va, mesh, R, "float32")
+  grads = tree_bytes(pp, pa, mesh, R, "float32") + (tree_bytes(vp, va, mesh, R, "float32") if value else 0.0)
   phases["train"] = {"policy gradients": tree_bytes(pp, pa, mesh, R),
                      "value gradients": tree_bytes(vp, va, mesh, R),
                      "gradient accumulators (micro-batches)": grads if cfg.micro_batch else 0.0,
                      "policy activations (one micro-batch)": saved * micro_rows * T * pol.dim * cd
                                                              + 3 * 4.0 * micro_rows * T * vocab,
                      "value activations (one micro-batch)": saved * micro_rows * T * val.dim * cd}
+  if not value:
+    for key in ("value gradients", "value activations (one micro-batch)"):
+      del phases["train"][key]
   resident = sum(items.values())
   peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
   peak = resident + sum(phases[peak_phase].values())
-  return {"devices": n_devices, "mesh": mesh, "resident_gib": gib(resident), "peak_gib": gib(peak),
+  return {"devices": n_devices, "mesh": mesh, "estimator": getattr(cfg, "estimator", "gae"),
+          "resident_gib": gib(resident), "peak_gib": gib(peak),
           "peak_phase": peak_phase, "items_gib": {k: gib(v) for k, v in items.items()},
           "phases_gib": {p: {k: gib(v) for k, v in d.items()} for p, d in phases.items()},
           "device_memory_gib": cfg.device_memory_gib, "fits": gib(peak) <= cfg.device_memory_gib}
 
 
 def print_plan(p: dict) -> None:
-  print(f"PPO memory plan per device: {p['devices']} devices, mesh {p['mesh']}")
+  name = "PPO" if p.get("estimator", "gae") == "gae" else f"{p['estimator'].upper()} (no value model)"
+  print(f"{name} memory plan per device: {p['devices']} devices, mesh {p['mesh']}")
   for k, v in p["items_gib"].items():
     print(f"  {k:<44} {v:9.2f} GiB")
   for phase, d in p["phases_gib"].items():
