@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from l2jax.config.core import register
 
-METHODS = ("best-of-n", "ppo", "rejection")
+METHODS = ("best-of-n", "ppo", "grpo", "rloo", "rejection", "dpo")
+RL_METHODS = ("ppo", "grpo", "rloo")   # the PPO stage with estimator gae / grpo / rloo
 
 
 @register
@@ -26,10 +27,11 @@ class Overoptimization:
   proxy accuracy, and for every reported measurement (disjoint sets). pairs: the proxies' training-set sizes
   (one proxy each; nested: a proxy's pairs are the first N). max_new_tokens / temperature: continuations of the
   pairs and of best-of-n. measure_samples: continuations per report prompt in each measurement. bon_n: the
-  largest n of best-of-n (n = 1, 2, 4, ... bon_n). methods: which optimisations run. proxy / ppo / rejection:
-  variants of experiments/overoptimization.py that hold the sub-runs' settings (a reward, PPO and rejection
-  config), launched into RUN_DIR/proxy-<N>, ppo-<N>, rs-<N> with the benchmark's paths set; *_sets: more
-  overrides for them (last). seed: openings, labels and measurement samples.
+  largest n of best-of-n (n = 1, 2, 4, ... bon_n). methods: which optimisations run, of METHODS (grpo and rloo
+  are the PPO stage with `estimator` grpo / rloo; dpo trains on pairs of base continuations labelled by the
+  proxy). proxy / ppo / grpo / rloo / rejection / dpo: variants of experiments/overoptimization.py that hold the
+  sub-runs' settings, launched into RUN_DIR/proxy-<N>, ppo-<N>, grpo-<N>, rloo-<N>, rs-<N>, dpo-<N> with the
+  benchmark's paths set; *_sets: more overrides for them (last). seed: openings, labels and measurement samples.
   """
   stage: ClassVar[str] = "overoptimization"
   name: str = "overoptimization"
@@ -46,13 +48,19 @@ class Overoptimization:
   temperature: float = 1.0
   measure_samples: int = 4
   bon_n: int = 64
-  methods: tuple[str, ...] = METHODS
+  methods: tuple[str, ...] = ("best-of-n", "ppo", "rejection")
   proxy: str = "tiny-proxy"
   ppo: str = "tiny-ppo"
   rejection: str = "tiny-rs"
+  grpo: str = "tiny-grpo"
+  rloo: str = "tiny-rloo"
+  dpo: str = "tiny-dpo"
   proxy_sets: tuple[str, ...] = ()
   ppo_sets: tuple[str, ...] = ()
   rejection_sets: tuple[str, ...] = ()
+  grpo_sets: tuple[str, ...] = ()
+  rloo_sets: tuple[str, ...] = ()
+  dpo_sets: tuple[str, ...] = ()
   seed: int = 0
 
   def __post_init__(self):
@@ -76,4 +84,4 @@ class Overoptimization:
       raise ValueError(f"gold: expected 'module:function', found {self.gold!r}")
 
 
-__all__ = ["Overoptimization"]
+__all__ = ["Overoptimization", "METHODS", "RL_METHODS"]

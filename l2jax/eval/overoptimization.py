@@ -144,15 +144,19 @@ def _fit_curve(method: str, kl: np.ndarray, gold: np.ndarray):
 
 def table_rows(curves: Sequence[dict]) -> list[dict]:
   """One row per curve: {"method", "proxy", "points", "peak_gold", "kl_at_peak", "final_gold", "final_kl",
-  "form" ("bon" for best-of-n, else "rl"), "alpha", "beta" (None when fewer than 2 points have KL > 0)}."""
+  "form" ("bon" for best-of-n, else "rl"), "alpha", "beta" (None when fewer than 2 points have KL > 0),
+  "seconds_to_peak" (the curve's wall_s at its peak: training seconds to reach it; None when not timed)}."""
   rows = []
   for i, c in enumerate(curves):
     kl, gold, _ = _arrays(c, i)
     peak_gold, kl_at_peak = peak(kl, gold)
     form, alpha, beta = _fit_curve(c["method"], kl, gold)
+    wall = c.get("wall_s") or [None] * len(kl)
+    at = int(np.argmax(gold))
     rows.append({"method": c["method"], "proxy": c["proxy"], "points": len(kl), "peak_gold": peak_gold,
                  "kl_at_peak": kl_at_peak, "final_gold": float(gold[-1]), "final_kl": float(kl[-1]),
-                 "form": form, "alpha": alpha, "beta": beta})
+                 "form": form, "alpha": alpha, "beta": beta,
+                 "seconds_to_peak": None if wall[at] is None else float(wall[at])})
   return rows
 
 
@@ -162,12 +166,12 @@ def _fmt(x) -> str:
 
 def table_markdown(rows: Sequence[dict]) -> str:
   """A markdown table of table_rows (alpha, beta: R_bon = d (alpha - beta d) or R_RL = d (alpha - beta log d))."""
-  lines = ["| method | proxy | points | peak gold | KL at peak | final gold | final KL | fit | alpha | beta |",
-           "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+  lines = ["| method | proxy | points | peak gold | KL at peak | final gold | final KL | fit | alpha | beta | "
+           "s to peak |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
   for r in rows:
     lines.append(f"| {r['method']} | {r['proxy']} | {r['points']} | {_fmt(r['peak_gold'])} | "
                  f"{_fmt(r['kl_at_peak'])} | {_fmt(r['final_gold'])} | {_fmt(r['final_kl'])} | {r['form']} | "
-                 f"{_fmt(r['alpha'])} | {_fmt(r['beta'])} |")
+                 f"{_fmt(r['alpha'])} | {_fmt(r['beta'])} | {_fmt(r.get('seconds_to_peak'))} |")
   return "\n".join(lines) + "\n"
 
 
@@ -182,7 +186,21 @@ def plot(curves: Sequence[dict], path, title: str = "") -> Path:
   methods = list(dict.fromkeys(c["method"] for c in curves)) or ["(no curves)"]
   proxies = list(dict.fromkeys(c["proxy"] for c in curves))
   colour = {p: plt.get_cmap("tab10")(j % 10) for j, p in enumerate(proxies)}
-  fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.8), squeeze=False)
+  timed = [c for c in curves if c.get("wall_s") and all(w is not None for w in c["wall_s"])]
+  fig, axes = plt.subplots(2 if timed else 1, len(methods), figsize=(4.5 * len(methods), 7.6 if timed else 3.8),
+                           squeeze=False)
+  if timed:   # second row: gold and proxy against training wall-clock minutes (the timed methods)
+    for ax, m in zip(axes[1], methods):
+      for c in timed:
+        if c["method"] == m:
+          i = curves.index(c)
+          _, gold, proxy = _arrays(c, i)
+          t = np.asarray(c["wall_s"], float) / 60.0
+          ax.plot(t, gold - gold[0], "-o", ms=3, color=colour[c["proxy"]], label=c["proxy"])
+          ax.plot(t, proxy - proxy[0], "--", color=colour[c["proxy"]])
+      ax.axhline(0.0, color="gray", lw=0.6)
+      ax.set_xlabel("training wall-clock (minutes)")
+      ax.set_title(f"{m} (against time)" if any(c["method"] == m for c in timed) else f"{m}: not timed")
   for ax, m in zip(axes[0], methods):
     for i, c in enumerate(curves):
       if c["method"] != m:

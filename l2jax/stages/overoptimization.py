@@ -13,8 +13,9 @@ run(cfg, run_dir), each phase resumable (its outputs are written atomically and 
   bon.json       best-of-n on the report openings for n = 1, 2, 4 .. bon_n: gold and proxy of the proxy's pick
                  (the exact expectation over n-subsets of bon_n samples), KL = log n - (n - 1) / n
   ppo-<N>/       PPO against proxy N (the PPO stage, snapshots at every evaluation); gold.json: each snapshot
-                 measured on the report openings
+                 measured on the report openings (grpo-<N>/, rloo-<N>/: the same with estimator grpo / rloo)
   rs-<N>/        rejection-sampling fine-tuning against proxy N (the rejection stage); gold.json
+  dpo-<N>/       DPO from the base model on the training pairs relabelled by proxy N (pairs/proxy-<N>.jsonl)
   curves.json, table.md, overoptimization.png (l2jax.eval.overoptimization), report.md (l2jax.report)
 Every measurement (l2jax.eval.gold_task.measure): `measure_samples` continuations per report opening at
 temperature 1 from the policy, the mean gold score, each proxy's mean raw score and the KL to the base model
@@ -107,11 +108,24 @@ def pairs(cfg, run_dir: Path, sampler, gold, texts: dict) -> dict:
 
 
 def _launch(spec: str, sets: list[str], d: Path) -> bool:
+  """Run a sub-experiment into d unless its final/ exists; its wall time goes to d/wall.json when it ran from
+  start to end in one go (a resumed sub-run's time is unknown: none is recorded)."""
+  import time
+
   from l2jax import launch
   if not _done(d):
+    fresh = not d.exists()
     _log(f"{spec} into {d}")
+    t0 = time.perf_counter()
     launch.launch(spec, sets, d)
+    if fresh and _done(d):
+      _write_json(d / "wall.json", {"seconds": time.perf_counter() - t0})
   return _done(d)
+
+
+def _wall(d: Path) -> float | None:
+  f = d / "wall.json"
+  return json.loads(f.read_text())["seconds"] if f.is_file() else None
 
 
 def proxies(cfg, run_dir: Path, base: Path) -> dict[str, Path]:
@@ -152,14 +166,20 @@ def best_of_n(cfg, run_dir: Path, sampler, rms: dict, gold, report: list[str]) -
   from l2jax.eval import overoptimization as ov
   path = run_dir / "bon.json"
   if not path.is_file():
+    import time
     K = cfg.bon_n
+    t0 = time.perf_counter()
     conts = gold_task.continuations(sampler, report, K, cfg.max_new_tokens, cfg.temperature, cfg.seed * 10 + 3)
+    t_sample = time.perf_counter() - t0
     g_pk = np.asarray(gold(conts["texts"]), np.float64).reshape(len(report), K)
     ns = sorted({1 << i for i in range(K.bit_length()) if 1 << i <= K} | {K})
     curves = []
     for label, rm in rms.items():
+      t0 = time.perf_counter()
       p_pk = gold_task.proxy_scores(rm, conts, sampler.tokenizer.eos_id).reshape(len(report), K)
+      t_all = t_sample + time.perf_counter() - t0   # n of the K samples per prompt cost n / K of it
       curves.append({"method": "best-of-n", "proxy": label, "n": ns, "kl": [float(ov.bon_kl(n)) for n in ns],
+                     "wall_s": [t_all * n / K for n in ns],
                      "gold": [ov.bon_expectation(p_pk, g_pk, n) for n in ns],
                      "proxy_score": [ov.bon_expectation(p_pk, p_pk, n) for n in ns]})
     _write_json(path, curves)
@@ -196,22 +216,23 @@ def _ppo_wall(d: Path) -> dict[int, float]:
   return out
 
 
-def ppo(cfg, run_dir: Path, base: Path, proxy_dirs: dict, ctx) -> list[dict] | None:
+def rl(cfg, run_dir: Path, base: Path, proxy_dirs: dict, ctx, method: str = "ppo") -> list[dict] | None:
+  """PPO, GRPO or RLOO (the PPO stage, `estimator` set by the variant) against each proxy, snapshots measured."""
   from l2jax.stages.ppo_outputs import SNAPSHOTS
   curves = []
   for label, rm_dir in proxy_dirs.items():
     n = label.split()[0]
-    d = run_dir / f"ppo-{n}"
-    sets = [f"name={cfg.name}-ppo-{n}", f"policy={base}", f"reward_models.helpful={rm_dir}",
+    d = run_dir / f"{method}-{n}"
+    sets = [f"name={cfg.name}-{method}-{n}", f"policy={base}", f"reward_models.helpful={rm_dir}",
             f"reward_models.safety={rm_dir}", f"prompts.sources={json.dumps([f'jsonl:{run_dir}/prompts/train.jsonl'])}",
             "snapshots=true"]
-    if not _launch(f"{EXPERIMENT}:{cfg.ppo}", sets + list(cfg.ppo_sets), d):
+    if not _launch(f"{EXPERIMENT}:{getattr(cfg, method)}", sets + list(getattr(cfg, f"{method}_sets")), d):
       return None
     snaps = {p.name: p for p in sorted((d / SNAPSHOTS).iterdir()) if (p / ckpt_lib.CONFIG).is_file()}
     got = _measure_dirs(cfg, d / "gold.json", snaps, ctx)
     wall = _ppo_wall(d)
     keys = sorted(got, key=int)
-    curves.append(_curve("ppo", label, got, keys, [int(k) for k in keys], [wall.get(int(k)) for k in keys]))
+    curves.append(_curve(method, label, got, keys, [int(k) for k in keys], [wall.get(int(k)) for k in keys]))
   return curves
 
 
@@ -225,7 +246,36 @@ def rejection(cfg, run_dir: Path, base: Path, proxy_dirs: dict, ctx) -> list[dic
     if not _launch(f"{EXPERIMENT}:{cfg.rejection}", sets + list(cfg.rejection_sets), d):
       return None
     got = _measure_dirs(cfg, d / "gold.json", {"base": base, "final": d / "final"}, ctx)
-    curves.append(_curve("rejection", label, got, ["base", "final"], [0, 1], [None, None]))
+    curves.append(_curve("rejection", label, got, ["base", "final"], [0, 1], [0.0, _wall(d)]))
+  return curves
+
+
+def dpo(cfg, run_dir: Path, base: Path, proxy_dirs: dict, ctx) -> list[dict] | None:
+  """DPO (Rafailov et al. 2023) from the base model on the training pairs relabelled by each proxy (the chosen
+  continuation is the one the proxy scores higher): offline, so one measured point per proxy."""
+  from l2jax.eval import gold_task
+  curves = []
+  recs = [json.loads(x) for x in (run_dir / "pairs" / "train.jsonl").read_text().splitlines() if x]
+  for label, rm_dir in proxy_dirs.items():
+    n = label.split()[0]
+    path = run_dir / "pairs" / f"proxy-{n}.jsonl"
+    if not path.is_file():
+      rm = ctx["rms"][label]
+      prompts_ = [r["prompt"] for r in recs]
+      sc = rm.score(prompts_, [r["chosen"] for r in recs], [r["chosen_finished"] for r in recs])
+      sr = rm.score(prompts_, [r["rejected"] for r in recs], [r["rejected_finished"] for r in recs])
+      swap = sr > sc
+      out = [{**r, "chosen": r["rejected"], "rejected": r["chosen"], "chosen_finished": r["rejected_finished"],
+              "rejected_finished": r["chosen_finished"], "gold_chosen": r["gold_rejected"],
+              "gold_rejected": r["gold_chosen"]} if s_ else r for r, s_ in zip(recs, swap)]
+      gold_task.write_pairs(path, out)
+    d = run_dir / f"dpo-{n}"
+    sets = [f"name={cfg.name}-dpo-{n}", f"init={base}", f"data.sources={json.dumps([f'jsonl:{path}'])}",
+            "data.heldout_fraction=0.05"]
+    if not _launch(f"{EXPERIMENT}:{cfg.dpo}", sets + list(cfg.dpo_sets), d):
+      return None
+    got = _measure_dirs(cfg, d / "gold.json", {"base": base, "final": d / "final"}, ctx)
+    curves.append(_curve("dpo", label, got, ["base", "final"], [0, 1], [0.0, _wall(d)]))
   return curves
 
 
@@ -265,12 +315,14 @@ def run(cfg: c.Overoptimization, run_dir: Path, check_sharding: bool = False):
   curves = []
   if "best-of-n" in cfg.methods:
     curves += best_of_n(cfg, run_dir, sampler, rms, gold, texts["report"])
-  for method, fn in (("ppo", ppo), ("rejection", rejection)):
-    if method in cfg.methods:
-      got = fn(cfg, run_dir, base, proxy_dirs, ctx)
-      if got is None:
-        return None
-      curves += got
+  for method in cfg.methods:
+    if method == "best-of-n":
+      continue
+    fn = {"rejection": rejection, "dpo": dpo}.get(method)
+    got = fn(cfg, run_dir, base, proxy_dirs, ctx) if fn else rl(cfg, run_dir, base, proxy_dirs, ctx, method)
+    if got is None:
+      return None
+    curves += got
   rows = ov.write(curves, run_dir)
   _write_json(run_dir / "overoptimization.json", {"gold": cfg.gold, "label_temperature": cfg.label_temperature,
                                                   "proxies": acc, "table": rows})
