@@ -87,7 +87,7 @@ def test_ppo_sets_are_the_stages(tmp_path, monkeypatch):
   ov = load_config("experiments/overoptimization.py:test", ["ppo_sets=[\"eval_every=2\"]"])
   seen = []
   monkeypatch.setattr(stage, "_launch", lambda spec, sets, d: seen.append((spec, sets, d)) or False)
-  assert stage.ppo(ov, tmp_path, tmp_path / "base", {"64 pairs": tmp_path / "proxy-64" / "final"}, None) is None
+  assert stage.rl(ov, tmp_path, tmp_path / "base", {"64 pairs": tmp_path / "proxy-64" / "final"}, None, "ppo") is None
   assert seen == [(f"{stage.EXPERIMENT}:{ov.ppo}", bench_gold.ppo_sets(ov, tmp_path, 64), tmp_path / "ppo-64")]
   assert bench_gold.ppo_sets(ov, tmp_path, 64)[-1] == "eval_every=2"
 
@@ -101,6 +101,8 @@ def test_trl_settings_map_the_budget_and_refuse_what_trl_lacks():
   assert b["kl_beta"] == 0.02 and b["optim"]["lr"] == 1e-4 and b["value_optim"]["lr"] == 1e-3
   with pytest.raises(ValueError, match="value_init='policy'"):
     bench_gold.trl_settings(load_config("experiments/overoptimization.py:tiny-ppo", ["value_init=policy"]))
+  with pytest.raises(ValueError, match="estimator='grpo'"):
+    bench_gold.trl_settings(load_config("experiments/overoptimization.py:tiny-grpo"))
   with pytest.raises(ValueError, match="schedule 'cosine'"):
     bench_gold.trl_settings(load_config("experiments/overoptimization.py:tiny-ppo", ["optim.schedule=cosine"]))
 
@@ -170,3 +172,26 @@ def test_load_budget_takes_the_stages_recorded_ppo_config_under_the_given_option
   assert sets == stage + ["iterations=2", "seed=1", "optim.lr=0.0005"] and (p.iterations, p.seed) == (2, 1)
   with pytest.raises(ValueError, match="has proxies"):
     bench_gold.load_budget(tmp_path, 32, None)
+
+
+def test_trl_optimizer_clips_each_model_and_masks_weight_decay_as_l2jax():
+  torch = pytest.importorskip("torch")
+  assert bench_gold.decays("model.layers.0.self_attn.q_proj.weight", 2)
+  assert bench_gold.decays("model.embed_tokens.weight", 2)
+  assert not bench_gold.decays("model.layers.0.input_layernorm.weight", 1)
+  assert not bench_gold.decays("model.norm.weight", 2) and not bench_gold.decays("score.weight", 2)
+  policy = torch.nn.ModuleDict({"proj": torch.nn.Linear(3, 4, bias=False), "norm": torch.nn.LayerNorm(4)})
+  value = torch.nn.ModuleDict({"proj": torch.nn.Linear(3, 4, bias=False), "score": torch.nn.Linear(4, 1)})
+  o = {"lr": 1e-3, "b1": 0.9, "b2": 0.95, "eps": 1e-5, "weight_decay": 0.1, "clip": 1.0}
+  opt, sched = bench_gold._trl_optimizer(policy, value, {"optim": o, "value_optim": {**o, "lr": 1e-2}}, 0.1)
+  by = {(g["model"], g["weight_decay"] > 0): g for g in opt.param_groups}
+  assert {k: len(g["params"]) for k, g in by.items()} == \
+      {("policy", True): 1, ("policy", False): 2, ("value", True): 1, ("value", False): 2}
+  assert by["value", True]["lr"] == 1e-2 and by["value", True]["eps"] == pytest.approx(1e-6)
+  assert by["value", True]["clip"] == pytest.approx(0.1) and by["policy", False]["weight_decay"] == 0.0
+  for p in [*policy.parameters(), *value.parameters()]:
+    p.grad = torch.full_like(p, 3.0)
+  opt.step()
+  norm = lambda m: math.sqrt(sum(float((p.grad ** 2).sum()) for p in m.parameters()))
+  assert norm(policy) == pytest.approx(1.0, rel=1e-4) and norm(value) == pytest.approx(0.1, rel=1e-4)
+  assert sched.get_last_lr() == [1e-3, 1e-3, 1e-2, 1e-2]

@@ -4,7 +4,7 @@
 for Reward Model Overoptimization"; experiments/overoptimization.py), at matched KL and per wall-clock minute.
 
   python tools/bench.py gold --run RUN_DIR [--proxy N] [--iters K] [--seed S] [--points 4]
-      [--trl-whiten-score] [--torch-threads T] [--json F] [--workdir D]
+      [--trl-whiten-score] [--torch-threads T] [--json F] [--workdir D [--report-only]]
 
 RUN_DIR is a finished (or at least proxy-trained) `python -m l2jax.launch experiments/overoptimization.py:tiny`
 run. Both sides get the same base policy (RUN_DIR/base; TRL's an HF export of it), the same proxy reward model
@@ -12,7 +12,8 @@ RUN_DIR/proxy-N/final (an HF `LlamaForSequenceClassification`, num_labels=1, who
 Linear with the l2jax head's bias; checked against l2jax.reward's score_tokens within 1e-4 before training), the
 same value-model start (the proxy RM, Stiennon et al. 2020, value_init="helpful"), the same training prompts (the
 ones l2jax's iterations draw, as token ids) and the same budget: the PPO variant the stage launches
-(`<cfg.ppo>` with the stage's sets; --iters K replaces its iterations).
+(`<cfg.ppo>` with the stage's sets; --iters K and --seed S replace its iterations and seed; where the stage's
+own run RUN_DIR/ppo-N recorded other values in its config.json, those are set, so the rerun is that run).
   l2jax: the PPO stage, exactly as the benchmark launches it, in a child process; snapshots every eval_every
     iterations; training time per iteration = t_generate + t_score + t_train of metrics.jsonl (the stage's
     `_ppo_wall`; compilation falls in the first iteration, the held-out evaluations and saves outside).
@@ -23,8 +24,8 @@ ones l2jax's iterations draw, as token ids) and the same budget: the PPO variant
     has one optimiser for policy and value model (loss = pg_loss + vf_coef * vf_loss) and does not clip
     gradients; it is handed (`optimizers=`) an AdamW with two parameter groups, the policy's (optim) and the value
     model's (value_optim; eps and clip norm times vf_coef, which makes the group's update that of AdamW on the
-    unscaled value loss), each clipped to its global norm first, as l2jax.train.make_optimizer does, and a
-    constant schedule. The policy is saved every eval_every iterations (a callback; the saves are not timed).
+    unscaled value loss), each clipped to its global norm first and weight decay masked as
+    l2jax.train.make_optimizer does, and a constant schedule. The policy is saved every eval_every iterations (a callback; the saves are not timed).
   Still different, by design of the two implementations: l2jax's reward is R~c = WHITEN(score) over the batch
   (Llama 2 section 3.2.3), TRL's the raw score (--trl-whiten-score whitens TRL's too, by wrapping TRL's
   get_reward for the reward model); TRL samples responses of exactly response_length tokens and truncates after
@@ -36,7 +37,9 @@ same seed): gold, the proxy's raw score, KL(policy || base). Report: gold and KL
 (each side's trajectory interpolated where it first reaches each of --points KL values spread over the range both
 reach); peak gold; gold gain per training minute; seconds per iteration and their ratio. Each phase runs in its
 own child process (JAX and torch would fight over the cores); the load average is recorded around each phase and
-the timings flagged when it exceeds the cores.
+the timings flagged when it exceeds the cores. --report-only reprints a finished --workdir without running.
+Seeds matter: one run per side is one draw; PPO's gold at a given KL moves by a few hundredths between seeds
+(--seed), so compare several before reading a gap of that size.
 """
 from __future__ import annotations
 
@@ -164,8 +167,8 @@ def table(sides: dict, cmp: dict, summary: dict) -> str:
 # ----------------------------------------------------------------------------------------------- budget
 
 def ppo_sets(ov, run: Path, proxy: int) -> list[str]:
-  """The overrides the benchmark stage launches PPO against proxy N with (`ppo` in
-  l2jax/stages/overoptimization.py), then the config's own ppo_sets."""
+  """The overrides the benchmark stage launches PPO against proxy N with (`rl` in
+  l2jax/stages/overoptimization.py, method "ppo"), then the config's own ppo_sets."""
   base, rm_dir = run / "base", run / f"proxy-{proxy}" / "final"
   return [f"name={ov.name}-ppo-{proxy}", f"policy={base}", f"reward_models.helpful={rm_dir}",
           f"reward_models.safety={rm_dir}", f"prompts.sources={json.dumps([f'jsonl:{run}/prompts/train.jsonl'])}",
@@ -234,6 +237,8 @@ def load_budget(run: Path, proxy: int | None, iters: int | None, seed: int | Non
 def trl_settings(p) -> dict:
   """The PPO config's budget as TRL sees it; one line naming the setting for what TRL cannot be given."""
   bad = []
+  if getattr(p, "estimator", "gae") != "gae":
+    bad.append(f"estimator={p.estimator!r} (TRL's PPOTrainer is GAE PPO)")
   if p.value_init != "helpful":
     bad.append(f"value_init={p.value_init!r} (TRL's value model here starts from the reward model)")
   for name, o in (("optim", p.optim), ("value_optim", p.value_optim)):
@@ -331,14 +336,13 @@ def prepare(spec: dict) -> dict:
   from l2jax.stages import ppo
   work, run = Path(spec["work"]), Path(spec["run"])
   cfg: c.PPO = load_config(spec["ppo_spec"], spec["sets"])
-  pol = work / "hf_policy"
-  if not (pol / "config.json").is_file():
-    l2jax_to_hf(cfg.policy, pol)
-    (pol / "tokenizer_config.json").write_text(json.dumps(TOK_CONFIG))
-  rm_hf = work / "hf_rm_lm"
-  if not (rm_hf / "rm_head.json").is_file():
-    export_rm_backbone(cfg.reward_models.helpful, rm_hf)
-    (rm_hf / "tokenizer_config.json").write_text(json.dumps(TOK_CONFIG))
+  pol, rm_hf = work / "hf_policy", work / "hf_rm_lm"
+  for d in (pol, rm_hf, work / "hf_rm"):
+    shutil.rmtree(d, ignore_errors=True)   # this run's models only (a --workdir may hold another run's)
+  l2jax_to_hf(cfg.policy, pol)
+  export_rm_backbone(cfg.reward_models.helpful, rm_hf)
+  for d in (pol, rm_hf):
+    (d / "tokenizer_config.json").write_text(json.dumps(TOK_CONFIG))
   tok = Tokenizer(Path(cfg.policy) / ck.TOKENIZER)
   data = ppo.load_prompts(cfg.prompts, tok, cfg.seed)
   batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts,
@@ -386,24 +390,37 @@ def run_l2jax(spec: dict) -> dict:
                     "score": [r["rc"] for r in rows]}}
 
 
+def decays(name: str, ndim: int) -> bool:
+  """l2jax.train.decay_mask for an HF parameter: matrices and embeddings decay; RMSNorm gains, vectors and the
+  scalar head (l2jax's w is a [dim] vector, HF's score.weight a [1, dim] matrix) do not."""
+  return ndim >= 2 and "norm" not in name and not name.startswith("score.")
+
+
 def _trl_optimizer(policy, value_model, b: dict, vf_coef: float):
-  """(torch) AdamW over two parameter groups (policy: optim; value model: value_optim with eps and the clip norm
-  times vf_coef, so its steps are AdamW's on the unscaled value loss), each group's gradient clipped to its
-  global norm before the step (l2jax.train.make_optimizer: clip_by_global_norm then adamw, per model)."""
+  """(torch) AdamW over the policy's parameters (optim) and the value model's (value_optim with eps and the clip
+  norm times vf_coef, so its steps are AdamW's on the unscaled value loss), weight decay masked as l2jax masks
+  it, each model's gradient clipped to its global norm before the step (l2jax.train.make_optimizer:
+  clip_by_global_norm then adamw, per model)."""
   import torch
 
   class ClippedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
-      for g in self.param_groups:
-        if g["clip"] > 0:
-          torch.nn.utils.clip_grad_norm_([p for p in g["params"] if p.grad is not None], g["clip"])
+      for model in {g["model"] for g in self.param_groups}:
+        gs = [g for g in self.param_groups if g["model"] == model]
+        if gs[0]["clip"] > 0:
+          torch.nn.utils.clip_grad_norm_([p for g in gs for p in g["params"] if p.grad is not None], gs[0]["clip"])
       return super().step(closure)
 
-  def group(params, o, scale):
-    return {"params": [p for p in params if p.requires_grad], "lr": o["lr"], "betas": (o["b1"], o["b2"]),
-            "eps": o["eps"] * scale, "weight_decay": o["weight_decay"], "clip": o["clip"] * scale}
-  opt = ClippedAdamW([group(policy.parameters(), b["optim"], 1.0),
-                      group(value_model.parameters(), b["value_optim"], vf_coef)])
+  groups = []
+  for model, net, o, scale in (("policy", policy, b["optim"], 1.0), ("value", value_model, b["value_optim"], vf_coef)):
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    for decay in (True, False):
+      ps = [p for n, p in named if decays(n, p.ndim) == decay]
+      if ps:
+        groups.append({"params": ps, "lr": o["lr"], "betas": (o["b1"], o["b2"]), "eps": o["eps"] * scale,
+                       "weight_decay": o["weight_decay"] if decay else 0.0, "clip": o["clip"] * scale,
+                       "model": model})
+  opt = ClippedAdamW(groups)
   return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -596,7 +613,11 @@ def _args(argv):
                  "the cores); on a busy machine 1 avoids OpenMP waits that slow small matmuls up to 50x")
   p.add_argument("--workdir", help="exports, runs, snapshots and logs (default: a temp dir, removed)")
   p.add_argument("--json", help="also write the results to this JSON file")
+  p.add_argument("--report-only", action="store_true",
+                 help="run nothing: report the finished children's results in --workdir (loads.json, if there)")
   a = p.parse_args(argv)
+  if a.report_only and not a.workdir:
+    p.error("--report-only needs --workdir")
   if a.iters is not None and a.iters < 1:
     p.error(f"--iters {a.iters}: expected >= 1")
   return a
@@ -607,6 +628,11 @@ def run(argv: list[str]) -> dict:
   run_dir = Path(a.run).resolve()
   ov, proxy, ppo_spec, sets, pcfg = load_budget(run_dir, a.proxy, a.iters, a.seed)
   budget = trl_settings(pcfg)
+  if a.report_only:
+    work = Path(a.workdir).resolve()
+    got = {r: json.loads((work / f"{r}.result.json").read_text()) for r in ("prepare", "l2jax", "trl", "measure")}
+    loads = json.loads((work / "loads.json").read_text()) if (work / "loads.json").is_file() else {}
+    return report(a, run_dir, ov, proxy, ppo_spec, sets, pcfg, budget, loads, *got.values())
   if not trl_available():
     raise SystemExit("bench gold: TRL is not installed here (pip install -e '.[bench]' into its own venv)")
   tmp = None if a.workdir else tempfile.mkdtemp(prefix="bench_gold_")
@@ -614,7 +640,6 @@ def run(argv: list[str]) -> dict:
   work.mkdir(parents=True, exist_ok=True)
   spec = {"work": str(work), "run": str(run_dir), "proxy": proxy, "ppo_spec": ppo_spec, "sets": sets,
           "budget": budget, "trl_whiten_score": a.trl_whiten_score, "torch_threads": a.torch_threads}
-  cores = os.cpu_count() or 1
   loads = {"start": load_avg()}
   try:
     prep = child(__file__, "prepare", spec)
@@ -625,15 +650,23 @@ def run(argv: list[str]) -> dict:
     loads["trl"] = load_avg()
     ms = child(__file__, "measure", {**spec, "l2jax_snapshots": l2["snapshots"], "trl_snapshots": tr["snapshots"]})
     loads["measured"] = load_avg()
+    (work / "loads.json").write_text(json.dumps(loads))
   finally:
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)
+  return report(a, run_dir, ov, proxy, ppo_spec, sets, pcfg, budget, loads, prep, l2, tr, ms)
+
+
+def report(a, run_dir, ov, proxy, ppo_spec, sets, pcfg, budget, loads, prep, l2, tr, ms) -> dict:
+  """Print the comparison of the children's results and write --json; returns the results."""
+  cores = os.cpu_count() or 1
   sides = {"l2jax": side_curve(l2, ms["l2jax"]), "trl": side_curve(tr, ms["trl"])}
   cmp = compare(sides, a.points)
   summary = {k: {**gold_per_minute(s["gold"], s["minutes"]), "s_per_iter": s["s_per_iter"],
                  "first_iter_s": s["first_iter_s"], "train_s": s["train_s"]} for k, s in sides.items()}
   ratio = sides["l2jax"]["s_per_iter"] / sides["trl"]["s_per_iter"]
-  busy = max(float(loads[k].split()[0]) for k in ("prepared", "l2jax", "trl")) > cores   # around the timed runs
+  timed = [float(loads[k].split()[0]) for k in ("prepared", "l2jax", "trl") if k in loads]   # around the timed runs
+  busy = bool(timed) and max(timed) > cores
   b = budget
   print(f"gold {run_dir.name}, proxy {proxy} pairs: {b['iterations']} PPO iterations of {b['batch_prompts']} "
         f"prompts (minibatch {b['minibatch']}) x {b['max_new_tokens']} new tokens, kl_beta {b['kl_beta']}, lr "
@@ -647,7 +680,7 @@ def run(argv: list[str]) -> dict:
         f"proxy export checked on {tr['rm_check_rows']} rows: max |diff| {tr['rm_check_err']:.1e}")
   print(table(sides, cmp, summary))
   tag = " (load > cores around the timed runs: contended)" if busy else ""
-  phases = lambda r: ", ".join(f"{k} {v:.3f}" for k, v in r["phase_s"].items())
+  phases = lambda r: ", ".join(f"{k} {v:.3f}" for k, v in r.get("phase_s", {}).items()) or "-"
   print(f"median s per iteration by phase: l2jax {phases(l2)}; TRL {phases(tr)}")
   print(f"l2jax / TRL time per iteration: {ratio:.2f}{tag}; load average (1, 5, 15 min) "
         + ", ".join(f"{k} {v}" for k, v in loads.items()) + f"; {cores} cores")
