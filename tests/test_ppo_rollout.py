@@ -162,3 +162,24 @@ def test_a_prompt_twice_in_one_batch_gets_two_samples(models):
   with shd.use_rules(mesh, shd.SAMPLE_RULES):
     toks2 = np.asarray(jax.jit(gen)(params, batch2, key).tokens_bn)
   np.testing.assert_array_equal(toks2[0], toks[0])
+
+
+def test_one_reward_model_as_both_runs_once_with_the_same_scores():
+  """PPO against a single proxy (helpful = safety = one directory, the over-optimisation benchmark) scores the rows
+  once; the scores equal running the model twice."""
+  from flax import nnx
+
+  from l2jax.model import heads, llama, presets
+  from l2jax.rl import rollout as ro
+  cfg = presets.get("stories260k", dtype="float32")
+  g, p = llama.split(heads.ScalarModel(cfg, rngs=nnx.Rngs(0)))
+  t = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 500
+  m = jnp.ones((2, 8), jnp.int32)
+  frozen = {"rm_helpful": p, "rm_safety": p}
+  twice = ro.reward_model_fn(g, g)(frozen, t, m, m)
+  once_fn = ro.reward_model_fn(g, g, same=True)
+  once = once_fn(frozen, t, m, m)
+  np.testing.assert_array_equal(np.asarray(twice[0]), np.asarray(once[0]))
+  np.testing.assert_array_equal(np.asarray(twice[1]), np.asarray(once[1]))
+  eqns = lambda fn: len(jax.make_jaxpr(lambda f: fn(f, t, m, m))(frozen).jaxpr.eqns)
+  assert eqns(once_fn) < eqns(ro.reward_model_fn(g, g))   # one model's program, not two

@@ -175,13 +175,16 @@ def sequence_scores(helpful_b, safety_b, is_safety_b, resp: Responses, threshold
 RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def reward_model_fn(helpful_graphdef, safety_graphdef) -> RewardFn:
+def reward_model_fn(helpful_graphdef, safety_graphdef, same: bool = False) -> RewardFn:
   """reward_fn(frozen, tokens [B, T], seq_mask [B, T], response mask) -> (helpful [B], safety [B]) raw scores:
-  each reward model's head at the row's last real token, as the reward stage trains and scores them."""
+  each reward model's head at the row's last real token, as the reward stage trains and scores them.
+  same: both are one reward model (one checkpoint directory, e.g. a single proxy): it runs once."""
   def reward_fn(frozen, tokens_bt, seq_mask_bt, mask_bt):
     m = seq_mask_bt.astype(jnp.int32)
-    return (nnx.merge(helpful_graphdef, frozen["rm_helpful"])(tokens_bt, m),
-            nnx.merge(safety_graphdef, frozen["rm_safety"])(tokens_bt, m))
+    helpful_b = nnx.merge(helpful_graphdef, frozen["rm_helpful"])(tokens_bt, m)
+    if same:
+      return helpful_b, helpful_b
+    return helpful_b, nnx.merge(safety_graphdef, frozen["rm_safety"])(tokens_bt, m)
   return reward_fn
 
 

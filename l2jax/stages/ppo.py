@@ -225,7 +225,9 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
                              temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id,
                              chunks=cfg.generate_chunks)
   chunks = cfg.batch_prompts // cfg.micro_batch if cfg.micro_batch else 1
-  reward_fn = reward_fn or ro_lib.reward_model_fn(m.graphdefs["rm_helpful"], m.graphdefs["rm_safety"])
+  rm = cfg.reward_models
+  same = bool(rm.helpful) and Path(rm.helpful).resolve() == Path(rm.safety).resolve()
+  reward_fn = reward_fn or ro_lib.reward_model_fn(m.graphdefs["rm_helpful"], m.graphdefs["rm_safety"], same=same)
   k_group = cfg.group_size
   if cfg.grouped:   # mini-batches and micro-batches count prompts: k rows each
     score = ro_lib.make_group_score(m.graphdefs["policy"], m.graphdefs["ref"], reward_fn, estimator=cfg.estimator,
