@@ -12,4 +12,5 @@ from l2jax.config.rejection import *  # noqa: F401,F403
 from l2jax.config.gatt import *  # noqa: F401,F403
 from l2jax.config.rlhf import *  # noqa: F401,F403
 from l2jax.config.overoptimization import *  # noqa: F401,F403
+from l2jax.config.dpo import *  # noqa: F401,F403
 from l2jax.config.core import _field_types, _parse_value, _valid_keys, _validating  # noqa: F401

@@ -408,18 +408,26 @@ def encode_responses(tok: Tokenizer, messages: Sequence[dict], responses: Sequen
   as a complete one (so rejection sampling cannot pick, and fine-tune with an EOS, an answer stopped
   mid-sentence).
   """
+  prompt, answers = response_pieces(tok, messages, responses, finished)
+  return [truncate_left(prompt + answer, max_len) for answer in answers]
+
+
+def response_pieces(tok: Tokenizer, messages: Sequence[dict], responses: Sequence[str],
+                    finished: bool | Sequence[bool] = True) -> tuple[list[int], list[list[int]]]:
+  """(prompt ids, answer ids of each response) of `encode_responses`' rows, before truncation: the prompt is
+  encode_chat(dialog), each answer its exchange_pieces answer, ending with EOS only when finished."""
   prompt = encode_chat(tok, messages)
   last_user = chat_exchanges(messages)[-1][0]
   done = [finished] * len(responses) if isinstance(finished, bool) else list(finished)
   if len(done) != len(responses):
     raise ValueError(f"encode_responses: {len(done)} finished flags for {len(responses)} responses")
-  rows = []
+  answers = []
   for r, d in zip(responses, done):
     answer = exchange_pieces(tok, last_user, r)[1]
     if not d and answer and answer[-1] == tok.eos_id:
       answer = answer[:-1]
-    rows.append(truncate_left(prompt + answer, max_len))
-  return rows
+    answers.append(answer)
+  return prompt, answers
 
 
 def bucket_len(n: int, cap: int, minimum: int = 16) -> int:
@@ -450,23 +458,48 @@ def pair_batch_rows(tok: Tokenizer, pairs: Sequence[Pair], max_len: int) -> list
   return rows
 
 
+def pair_answer_lengths(tok: Tokenizer, pairs: Sequence[Pair]) -> list[int]:
+  """Answer tokens of each row of the pairs (chosen, rejected, chosen, ...) before truncation: the exchange_pieces
+  answer, with its EOS when the response is finished (`response_pieces`)."""
+  return [len(a) for p in pairs
+          for a in response_pieces(tok, p.messages(), (p.chosen, p.rejected), (p.chosen_finished,
+                                                                               p.rejected_finished))[1]]
+
+
+def answer_mask_rows(rows: Sequence[Sequence[int]], answer_lens: Sequence[int], seq_len: int) -> np.ndarray:
+  """int32 [n, seq_len]: 1 on the answer tokens of each row. A row is prompt + answer, or, cut by `truncate_left`,
+  BOS + its tail, so its answer is its last min(answer length, len(row) - 1) tokens either way."""
+  mask = np.zeros((len(rows), seq_len), np.int32)
+  for i, (r, a) in enumerate(zip(rows, answer_lens)):
+    n = min(a, max(len(r) - 1, 0))
+    mask[i, len(r) - n:len(r)] = 1
+  return mask
+
+
 def pair_batch(tok: Tokenizer, pairs: Sequence[Pair], seq_len: int, size: int | None = None,
-               max_len: int | None = None) -> dict[str, np.ndarray]:
+               max_len: int | None = None, answer_mask: bool = False) -> dict[str, np.ndarray]:
   """A batch of `size` pairs (padding pairs have valid 0):
     tokens int32 [P, 2, T] (row 0 chosen, row 1 rejected), mask int32 [P, 2, T], rating int32 [P] (-1 unrated),
-    valid float32 [P]. T = seq_len; rows are cut to max_len (default seq_len) tokens, which must fit in T."""
+    valid float32 [P]; with answer_mask, also answer_mask int32 [P, 2, T] (`answer_mask_rows`: 1 on the answer
+    tokens only, the prompt excluded). T = seq_len; rows are cut to max_len (default seq_len) tokens, which must
+    fit in T."""
   size = len(pairs) if size is None else size
   rows = pair_batch_rows(tok, pairs, seq_len if max_len is None else max_len)
   if rows and max(len(r) for r in rows) > seq_len:
     raise ValueError(f"pair_batch: a row of {max(len(r) for r in rows)} tokens does not fit seq_len={seq_len}")
+  answer_lens = pair_answer_lengths(tok, pairs) if answer_mask else []
   rows += [[]] * (2 * (size - len(pairs)))
   tokens, mask = rows_to_arrays(rows, seq_len, tok.pad_id)
   rating = np.full((size,), UNRATED, np.int32)
   rating[:len(pairs)] = [p.rating for p in pairs]
   valid = np.zeros((size,), np.float32)
   valid[:len(pairs)] = 1.0
-  return {"tokens": tokens.reshape(size, 2, seq_len), "mask": mask.reshape(size, 2, seq_len), "rating": rating,
-          "valid": valid}
+  out = {"tokens": tokens.reshape(size, 2, seq_len), "mask": mask.reshape(size, 2, seq_len), "rating": rating,
+         "valid": valid}
+  if answer_mask:
+    answer_lens += [0] * (len(rows) - len(answer_lens))
+    out["answer_mask"] = answer_mask_rows(rows, answer_lens, seq_len).reshape(size, 2, seq_len)
+  return out
 
 
 class PairBatches:
@@ -477,10 +510,11 @@ class PairBatches:
   buckets: pad each batch to `bucket_len` of the longest row of the *global* batch (the same on every process)
   instead of seq_len; a reward model reads its score at each row's last token and attention is causal, so the
   loss is that of the padded batch (tests/test_reward_buckets.py).
+  answer_mask: batches also hold `pair_batch`'s answer_mask (DPO scores the answer tokens only).
   """
 
   def __init__(self, pairs: Sequence[Pair], tok: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
-               process_index: int = 0, process_count: int = 1, buckets: bool = False):
+               process_index: int = 0, process_count: int = 1, buckets: bool = False, answer_mask: bool = False):
     if not pairs:
       raise DataError("no training pairs")
     if global_batch % process_count:
@@ -490,7 +524,7 @@ class PairBatches:
     self.offset = process_index * self.local
     self.epoch, self.index = 0, 0
     self._order = self._permutation(0)
-    self.buckets, self._lens = buckets, {}
+    self.buckets, self._lens, self.answer_mask = buckets, {}, answer_mask
 
   def _permutation(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
@@ -515,7 +549,7 @@ class PairBatches:
       self.index += 1
     mine = picked[self.offset:self.offset + self.local]
     T = bucket_len(self._longest(picked), self.seq_len) if self.buckets else self.seq_len
-    return pair_batch(self.tok, [self.pairs[i] for i in mine], T, max_len=self.seq_len)
+    return pair_batch(self.tok, [self.pairs[i] for i in mine], T, max_len=self.seq_len, answer_mask=self.answer_mask)
 
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self.epoch, "index": self.index}
