@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from l2jax.experiment_refs import (RUNS_ENV, check_references, default_run_dir, 
                                    is_reference, load_config, load_experiment, one_line, runs_root, split_spec)
 from l2jax.experiment_refs import _key
 from l2jax.experiment_refs import resolve_references as _resolve
+from l2jax.interrupt import exit_with as _exit  # noqa: F401
+from l2jax.interrupt import stop_on_ctrl_c
 from l2jax.run_dir import LOCK, LaunchError, RunDir, RunDirLocked, RunLock, check_run_dir, remove_litter  # noqa: F401
 
 
@@ -52,21 +53,6 @@ def launch(spec: str, sets: list[str] | tuple = (), run_dir: str | Path | None =
 def resolve_references(cfg, *, no_deps: bool = False, _stack: tuple = ()):
   """A copy of `cfg` with every experiment reference replaced by its run's final/ (running it first if missing)."""
   return _resolve(cfg, launch, no_deps=no_deps, stack=_stack)
-
-
-def _stop_on_ctrl_c() -> None:
-  """First SIGINT: one line, then KeyboardInterrupt (the run stops, its directory kept); any later: exit now."""
-  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-    return   # ignored (a background job) or handled by an embedding program
-
-  def handler(signum, frame):
-    if handler.hit:
-      os._exit(130)   # cleanup already under way: stop without a traceback from wherever it was
-    handler.hit = True
-    print("\ninterrupted (Ctrl-C): stopping; rerun the same command to resume", file=sys.stderr, flush=True)
-    raise KeyboardInterrupt
-  handler.hit = False
-  signal.signal(signal.SIGINT, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
       cfg = load_config(args.experiment, args.set)
       check_references(cfg, args.experiment, paths=False)
       return aot.run(cfg, args.experiment, args.aot, args.slices, args.run_dir)
-    _stop_on_ctrl_c()
+    stop_on_ctrl_c()
     if not traceback:
       from l2jax.checkpoint import quiet_orbax
       quiet_orbax()
@@ -110,19 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {one_line(e)}", file=sys.stderr)
     return 2 if isinstance(e, c.ConfigError) else 1
   return 0
-
-
-def _exit(rc: int) -> None:
-  """Exit with `rc`. After a Ctrl-C, the exit handlers run while a further Ctrl-C still means "exit 130 now", and
-  the process then leaves without the interpreter's finalization: that resets SIGINT to its default action, so a
-  Ctrl-C pressed during it (XLA's threads take a while to wind down) would kill the process by signal instead."""
-  if rc == 130:
-    import atexit
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
-  sys.exit(rc)
 
 
 if __name__ == "__main__":
