@@ -143,3 +143,17 @@ def test_ppo_against_a_proxy_raises_the_held_out_gold(tmp_path):
   assert last["gold"] - first["gold"] > 1.0, got
   assert last["gold"] - first["gold"] > 5 * (first["gold_se"] + last["gold_se"]), got
   assert last["proxy"]["512 pairs"] > first["proxy"]["512 pairs"] and last["kl"] > 1.0, got
+
+
+@pytest.mark.slow
+def test_compare_runs_every_method_against_one_proxy(tmp_path):
+  """GRPO, RLOO and DPO on the gold task beside PPO, rejection sampling and best-of-n: one curve each, timed."""
+  d = tmp_path / "cmp"
+  p = _launch(["experiments/overoptimization.py:test-compare", "--run-dir", str(d)])
+  assert p.returncode == 0, p.stderr[-3000:]
+  curves = json.loads((d / "curves.json").read_text())
+  assert [c["method"] for c in curves] == ["best-of-n", "ppo", "grpo", "rloo", "rejection", "dpo"]
+  assert all(np.isfinite(c["gold"]).all() and c["wall_s"][-1] is not None for c in curves)
+  assert not (d / "grpo-64" / "value").exists() and (d / "ppo-64" / "value").is_dir()
+  pairs = [json.loads(x) for x in (d / "pairs" / "proxy-64.jsonl").read_text().splitlines()]
+  assert len(pairs) == 64 and "s to peak" in (d / "table.md").read_text()
