@@ -244,5 +244,8 @@ def programs(cfg, devices) -> list[Program]:
     return rejection_programs(cfg, mesh, devices)
   if stage == "ppo":
     return ppo_programs(cfg, mesh)
-  raise AotError(f"stage {stage!r} has no programs of its own to compile (it composes other experiments: run "
-                 f"--aot on each of them)")
+  if stage in ("rlhf", "overoptimization"):
+    raise AotError(f"stage {stage!r} has no programs of its own to compile (it composes other experiments: run "
+                   f"--aot on each of them)")
+  raise AotError(f"stage {stage!r}: --aot does not compile its programs yet (it supports pretrain, sft, gatt, "
+                 f"reward, rejection and ppo / grpo / rloo)")
