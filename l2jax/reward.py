@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from l2jax import checkpoint as ckpt_lib
-from l2jax.data.preferences import encode_responses, rows_to_arrays
+from l2jax.data.preferences import bucket_len, encode_responses, rows_to_arrays
 from l2jax.data.tokenizer import Tokenizer
 from l2jax.model import llama
 from l2jax.model.config import LlamaConfig
@@ -47,14 +47,6 @@ def load_params(ckpt_dir: str | Path, **overrides) -> tuple[LlamaConfig, Any, di
   got = ckpt_lib.restore_params(d / ckpt_lib.PARAMS)
   ckpt_lib.check_tree(want, got, where=str(d / ckpt_lib.PARAMS))
   return cfg, got, meta
-
-
-def _bucket(n: int, cap: int, minimum: int = 16) -> int:
-  """The padded length for a batch whose longest row is n: the next power of two (>= minimum), at most cap."""
-  b = minimum
-  while b < n:
-    b *= 2
-  return min(b, cap)
 
 
 class RewardModel:
@@ -106,7 +98,7 @@ class RewardModel:
     out = np.zeros((len(rows),), np.float32)
     for i in range(0, len(rows), self.batch_size):
       chunk = rows[i:i + self.batch_size]
-      T = _bucket(max(len(r) for r in chunk), self.seq_len)
+      T = bucket_len(max(len(r) for r in chunk), self.seq_len)
       tokens, mask = rows_to_arrays(chunk + [[]] * (self.batch_size - len(chunk)), T, self.tokenizer.pad_id)
       out[i:i + len(chunk)] = np.asarray(self.score_tokens(tokens, mask))[:len(chunk)]
     return out

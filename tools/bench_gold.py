@@ -356,7 +356,7 @@ def prepare(spec: dict) -> dict:
   texts = gold_task.read_prompts(run / "prompts" / "report.jsonl")[:4]
   conts = gold_task.continuations(load_sampler(cfg.policy), texts, 2, cfg.max_new_tokens, 1.0, 12345)
   rm = reward.load(cfg.reward_models.helpful, batch_size=8)
-  rows = gold_task.token_rows(conts, tok.eos_id)
+  rows = gold_task.token_rows(conts)
   (work / "rm_check.json").write_text(json.dumps({"rows": rows, "l2jax": gold_task.proxy_scores(rm, conts, tok.eos_id)
                                                   .tolist(), "pad_id": tok.pad_id}))
   return {"prompts": len(data.train_ids), "drawn": len(ids), "mean_prompt_len": sum(map(len, ids)) / len(ids),

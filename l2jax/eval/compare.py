@@ -133,7 +133,7 @@ def score(rm, dialogs: list, texts: list[str], batch_size: int, min_len: int, fi
   finished: bool or [N] bools; an answer cut off by max_new_tokens (False) is scored without EOS, as the
   unfinished answer it is (l2jax.data.preferences.encode_responses). An empty answer is a valid one."""
   from l2jax.data.preferences import encode_responses, rows_to_arrays
-  from l2jax.reward import _bucket
+  from l2jax.data.preferences import bucket_len as _bucket
   done = [finished] * len(texts) if isinstance(finished, (bool, np.bool_)) else [bool(x) for x in finished]
   rows = [encode_responses(rm.tokenizer, d, [t], rm.seq_len, finished=[f])[0] for d, t, f in zip(dialogs, texts, done)]
   T = _bucket(max([min_len] + [len(r) for r in rows]), rm.seq_len)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from l2jax.data.preferences import rows_to_arrays
+from l2jax.data.preferences import bucket_len, rows_to_arrays
 from l2jax.model import llama
 
 SEED_STRIDE = 1_000_003
@@ -125,17 +125,10 @@ def write_pairs(path: Path, recs: Sequence[dict]) -> None:
 
 # ----------------------------------------------------------------------------------------------- scoring
 
-def token_rows(conts: dict, eos_id: int) -> list[list[int]]:
+def token_rows(conts: dict) -> list[list[int]]:
   """[prompt ids | response ids] per row; the response keeps its EOS where the model stopped on it."""
   return [list(p) + [int(t) for t in conts["tokens"][r, :conts["lengths"][r]]]
           for r, p in enumerate(conts["prompt_ids"])]
-
-
-def _bucket(n: int) -> int:
-  b = 16
-  while b < n:
-    b *= 2
-  return b
 
 
 @jax.jit
@@ -165,11 +158,11 @@ class LM:
 
   def response_logprobs(self, conts: dict, eos_id: int, pad_id: int, batch: int = 256) -> np.ndarray:
     """float64 [R]: log p(response | prompt) of every row under this model."""
-    rows = token_rows(conts, eos_id)
+    rows = token_rows(conts)
     out = np.zeros(len(rows))
     for s in range(0, len(rows), batch):
       part = rows[s:s + batch]
-      T = _bucket(max(len(r) for r in part))
+      T = bucket_len(max(len(r) for r in part), 1 << 30)
       tokens, _ = rows_to_arrays(part + [[pad_id]] * (batch - len(part)), T, pad_id)
       start = np.array([len(p) for p in conts["prompt_ids"][s:s + batch]] + [1] * (batch - len(part)), np.int32)
       end = np.array([len(r) for r in part] + [1] * (batch - len(part)), np.int32)
@@ -180,12 +173,12 @@ class LM:
 
 def proxy_scores(rm, conts: dict, eos_id: int) -> np.ndarray:
   """float64 [R]: a reward model's raw score of every row, read at its last token (as PPO reads it)."""
-  rows = token_rows(conts, eos_id)
+  rows = token_rows(conts)
   out = np.zeros(len(rows))
   bs = rm.batch_size
   for s in range(0, len(rows), bs):
     part = rows[s:s + bs]
-    T = _bucket(max(len(r) for r in part))
+    T = bucket_len(max(len(r) for r in part), 1 << 30)
     tokens, mask = rows_to_arrays(part + [[]] * (bs - len(part)), T, rm.tokenizer.pad_id)
     out[s:s + len(part)] = np.asarray(rm.score_tokens(tokens, mask))[:len(part)]
   return out
