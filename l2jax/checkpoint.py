@@ -264,13 +264,14 @@ def check_tree(want: Any, got: Any, where: str) -> None:
 def quiet_orbax() -> None:
   """Keep Orbax's background noise off a command-line run's terminal, where the caller reports the error in one
   line: Orbax's own log records below CRITICAL (a failed save logs every failing thread's traceback before the
-  error reaches us), and the "Event loop is closed" RuntimeErrors that TensorStore's callbacks raise, as
+  error reaches us), asyncio's "Task exception was never retrieved" for Orbax's restore tasks, and the "Event loop is closed" RuntimeErrors that TensorStore's callbacks raise, as
   unraisable exceptions, into the asyncio loop Orbax has already closed after a restore that failed (the fallback
   past a corrupt checkpoint). Idempotent; everything else still reaches the previous hooks."""
   import logging
-  absl = logging.getLogger("absl")
-  if not any(getattr(f, "_l2jax", False) for f in absl.filters):
-    absl.addFilter(_OrbaxRecords())
+  for name, flt in (("absl", _OrbaxRecords), ("asyncio", _OrbaxTaskErrors)):
+    log = logging.getLogger(name)
+    if not any(getattr(f, "_l2jax", False) for f in log.filters):
+      log.addFilter(flt())
   if getattr(sys.unraisablehook, "_l2jax", False):
     return
   previous = sys.unraisablehook
@@ -290,6 +291,16 @@ class _OrbaxRecords:
   def filter(self, record) -> bool:
     import logging
     return record.levelno >= logging.CRITICAL or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+class _OrbaxTaskErrors:
+  """logging filter for asyncio: drops "Task exception was never retrieved" of Orbax's own restore tasks (a restore
+  that failed on a corrupt checkpoint leaves its sibling tasks' errors unread; the fallback reports it in one line)."""
+  _l2jax = True
+
+  def filter(self, record) -> bool:
+    msg = record.getMessage()
+    return not ("Task exception was never retrieved" in msg and f"{os.sep}orbax{os.sep}" in msg)
 
 
 class RunMismatch(ValueError):
