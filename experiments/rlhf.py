@@ -31,7 +31,8 @@ def get_config(arg: str | None = None) -> c.RLHF:
   size = arg or "tiny"
   refs = dict(sft=f"experiments/sft.py:{size}", rm_helpful=f"experiments/rm_helpful.py:{size}",
               rm_safety=f"experiments/rm_safety.py:{size}", judge_helpful=f"experiments/rm_helpful.py:{size}-judge",
-              judge_safety=f"experiments/rm_safety.py:{size}-judge", rejection_arg=size, gatt_arg=size, ppo_arg=size)
+              judge_safety=f"experiments/rm_safety.py:{size}-judge", rejection_arg=size, gatt_arg=size, ppo_arg=size,
+              dpo_arg=size)
   if size == "tiny":
     return c.RLHF(name="rlhf-tiny", **refs, rs_versions=4, pool_from=2, gatt_after=3, ppo=True, ppo_iterations=30,
                   eval=c.VersionsEval(prompts_per_set=64, max_new_tokens=48, temperature=0.6, top_p=0.9,

@@ -45,6 +45,17 @@ def test_plan_chains_versions_pool_gatt_and_ppo(tmp_path, repo_root, monkeypatch
   no_gatt = rlhf.plan(c.apply_overrides(cfg, ["gatt_after=0", "ppo=false", "rs_versions=2", "pool_from=3"]), tmp_path)
   assert [s.version for s in no_gatt] == ["V1", "V2"] and _sets(no_gatt[1])["pool"] == ""
   assert rlhf.consistency_models(cfg, tmp_path, no_gatt) == {}
+  # the last version by GRPO or RLOO (the same rollout and loop), and a DPO version beside it from the same checkpoint
+  grpo = rlhf.plan(c.apply_overrides(cfg, ["final_stage=grpo", "dpo=true", "dpo_sets=beta=0.2"]), tmp_path)
+  assert [(s.version, s.stage, s.spec, s.run_dir) for s in grpo[-2:]] == [
+      ("V5", "grpo", "experiments/grpo.py:tiny", "v5-grpo"), ("V5-DPO", "dpo", "experiments/dpo.py:tiny", "v5-dpo")]
+  assert _sets(grpo[-2])["policy"] == _sets(grpo[-1])["init"] == fin("v5-rs") and _sets(grpo[-1])["beta"] == "0.2"
+  assert grpo[-1].source == "V5-RS" and rlhf.main_line(grpo).version == "V5"     # RUN_DIR/final: the RL version
+  only_dpo = rlhf.plan(c.apply_overrides(cfg, ["ppo=false", "dpo=true", "ppo_after_rs=false"]), tmp_path)
+  assert [s.version for s in only_dpo][-2:] == ["V4", "V5-DPO"] and _sets(only_dpo[-1])["init"] == fin("v4-rs")
+  assert rlhf.main_line(only_dpo).version == "V5-DPO"
+  with pytest.raises(c.ConfigError, match="final_stage: expected one of ppo, grpo, rloo, found 'dpo'"):
+    c.apply_overrides(cfg, ["final_stage=dpo"])
   with pytest.raises(c.ConfigError, match="gatt_after=5"):
     c.apply_overrides(cfg, ["gatt_after=5"])
   with pytest.raises(c.ConfigError, match="rs_versions: expected an int >= 1"):
@@ -90,15 +101,29 @@ def test_eval_settings_match_compare():
   assert names <= {f.name for f in dataclasses.fields(Settings)}
 
 
-def _launch(tmp_path, repo_root):
+def _launch(tmp_path, repo_root, *sets, run_dir=None):
   """experiments/rlhf.py:test through the launcher in a subprocess on one CPU device: (exit code, stderr)."""
   import os
   import subprocess
   import sys
   env = {**os.environ, "L2JAX_RUNS": str(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  p = subprocess.run([sys.executable, "-m", "l2jax.launch", "experiments/rlhf.py:test"], cwd=repo_root, env=env,
-                     capture_output=True, text=True, timeout=900)
+  args = [a for x in sets for a in ("--set", x)] + (["--run-dir", str(run_dir)] if run_dir else [])
+  p = subprocess.run([sys.executable, "-m", "l2jax.launch", "experiments/rlhf.py:test", *args], cwd=repo_root,
+                     env=env, capture_output=True, text=True, timeout=900)
   return p.returncode, p.stderr
+
+
+def test_a_bad_stage_variant_stops_before_anything_runs(tmp_path, repo_root, monkeypatch):
+  monkeypatch.chdir(repo_root)
+  for d in ("S", "H", "R"):
+    (tmp_path / d).mkdir()
+    (tmp_path / d / "config.json").write_text("{}")
+  cfg = c.apply_overrides(load_experiment("experiments/rlhf.py:tiny")[0],
+                          [f"sft={tmp_path / 'S'}", f"rm_helpful={tmp_path / 'H'}", f"rm_safety={tmp_path / 'R'}",
+                           "judge_helpful=", "judge_safety=", "dpo=true", "dpo_arg=34b"])
+  with pytest.raises(c.ConfigError, match="unknown variant '34b'"):
+    rlhf.run(cfg, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -136,3 +161,15 @@ def test_rlhf_test_variant_end_to_end_and_rerun_redoes_nothing(tmp_path, repo_ro
   assert rc == 0, err[-3000:]
   assert "running " not in err and err.count(") done: ") == 5 and err.count("is up to date") == 2, err
   assert {f: Path(f).stat().st_mtime_ns for f in stamps} == stamps
+  # the chain ending with GRPO, and a DPO version beside it (SFT and the reward models are the ones above)
+  run = tmp_path / "rlhf-test-grpo"
+  rc, err = _launch(tmp_path, repo_root, "name=rlhf-test-grpo", "rs_versions=1", "gatt_after=0", "ppo_after_rs=false",
+                    "final_stage=grpo", "dpo=true", run_dir=run)
+  assert rc == 0, err[-3000:]
+  assert [v["version"] for v in json.loads((run / "versions.json").read_text())][-3:] == ["V1", "V2", "V2-DPO"]
+  assert (run / "final").resolve() == (run / "v2-grpo" / "final").resolve()
+  grpo = json.loads((run / "v2-grpo" / "config.json").read_text())
+  assert grpo["estimator"] == "grpo" and grpo["policy"] == str(run / "v1-rs" / "final")
+  assert json.loads((run / "v2-dpo" / "config.json").read_text())["init"] == str(run / "v1-rs" / "final")
+  assert not (run / "v2-grpo" / "value").exists()   # no value model
+  assert list(json.loads((run / "eval" / "compare.json").read_text())["versions"]) == ["SFT", "V1", "V2", "V2-DPO"]

@@ -51,6 +51,9 @@ class VersionsEval:
       raise ValueError(f"eval.heldout_part: expected 'report', 'select' or '' (all), found {self.heldout_part!r}")
 
 
+FINAL_STAGES = ("ppo", "grpo", "rloo")   # experiments/<name>.py, the RL stage of the last version
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class RLHF:
@@ -69,9 +72,14 @@ class RLHF:
   `*_sets` ("key=value" overrides, as --set) are applied. rs_versions: N rejection-sampling versions; version n
   samples from version n-1 (V0 = SFT; after GAtt, from the GAtt model) and fine-tunes it. pool_from: versions
   n >= pool_from pool the best answers of all earlier iterations (the paper pooled from V3 on; 1 = always).
-  gatt_after: GAtt fine-tunes version n = gatt_after (0 = no GAtt). ppo: make V N+1 with PPO; ppo_after_rs: V N+1
-  first runs one more rejection-sampling iteration (V N+1-RS, from V N) and PPO starts from its checkpoint, as the
-  paper's last version (false: PPO straight on V N). ppo_iterations: its iterations (0 = the experiment's).
+  gatt_after: GAtt fine-tunes version n = gatt_after (0 = no GAtt). ppo: make V N+1 with the RL stage
+  `final_stage`: "ppo" (the paper's), "grpo" or "rloo" (experiments/grpo.py, rloo.py: PPO's rollout and loop with
+  group advantages and no value model); ppo_arg, ppo_sets and ppo_iterations (0 = the experiment's) apply to it.
+  ppo_after_rs: V N+1 first runs one more rejection-sampling iteration (V N+1-RS, from V N) and the RL stage starts
+  from its checkpoint, as the paper's last version (false: straight on V N). dpo: also make V N+1-DPO,
+  experiments/dpo.py:<dpo_arg> (with dpo_sets) from the same checkpoint, beside the RL version (its init is its
+  frozen reference; its pairs are the helpfulness reward model's trainer half), evaluated with every version;
+  RUN_DIR/final stays the RL version's (the DPO version's when ppo is false).
   rescale_temperature: every rejection-sampling iteration after the first samples at the best temperature of the
   previous iteration's Figure 8 (the rejection config's temperature_from; the paper's "temperature rescaling").
   Sub-runs live in RUN_DIR/v<n>-<stage>; one whose final/ exists is never redone. eval: the versions evaluation
@@ -94,6 +102,10 @@ class RLHF:
   ppo: bool = True
   ppo_after_rs: bool = True
   ppo_iterations: int = 0
+  final_stage: str = "ppo"
+  dpo: bool = False
+  dpo_arg: str = "tiny"
+  dpo_sets: tuple[str, ...] = ()
   rescale_temperature: bool = True
   rejection_sets: tuple[str, ...] = ()
   gatt_sets: tuple[str, ...] = ()
@@ -103,7 +115,9 @@ class RLHF:
   def __post_init__(self):
     if self.gatt_after > self.rs_versions:
       raise ValueError(f"gatt_after={self.gatt_after}: expected 0 (no GAtt) or a version 1..{self.rs_versions}")
-    for s in self.rejection_sets + self.gatt_sets + self.ppo_sets:
+    if self.final_stage not in FINAL_STAGES:
+      raise ValueError(f"final_stage: expected one of {', '.join(FINAL_STAGES)}, found {self.final_stage!r}")
+    for s in self.rejection_sets + self.gatt_sets + self.ppo_sets + self.dpo_sets:
       if "=" not in s:
         raise ValueError(f"stage override {s!r}: expected KEY=VALUE (as --set)")
 

@@ -9,14 +9,17 @@ run(cfg, run_dir), after the launcher resolved cfg.sft / rm_helpful / rm_safety 
   GAtt       experiments/gatt.py:<gatt_arg> into RUN_DIR/v<g>-gatt after version g = gatt_after: sampler = init =
              V<g>'s final; the versions after it sample from the GAtt model (the paper added GAtt after RLHF V3);
   V N+1      with ppo_after_rs, one more rejection-sampling iteration from VN (V<N+1>-RS, RUN_DIR/v<N+1>-rs), then
-             experiments/ppo.py:<ppo_arg> into RUN_DIR/v<N+1>-ppo with policy = that checkpoint (section 3.2.3:
-             "applying PPO on top of the resulted Rejection Sampling checkpoint before sampling again"); without
-             it, PPO straight on VN;
+             experiments/<final_stage>.py:<ppo_arg> (ppo.py by default; grpo.py, rloo.py: the same rollout and
+             loop with group advantages) into RUN_DIR/v<N+1>-<final_stage> with policy = that checkpoint (section
+             3.2.3: "applying PPO on top of the resulted Rejection Sampling checkpoint before sampling again");
+             without it, straight on VN;
+  V N+1-DPO  with dpo, experiments/dpo.py:<dpo_arg> into RUN_DIR/v<N+1>-dpo with init (= its frozen reference)
+             = the same checkpoint the RL stage starts from: a branch beside V N+1, evaluated with the versions;
 each through `l2jax.launch.launch` (its run-dir checks, lock, resume), with `*_sets` overrides last. A sub-run
 whose final/ exists is not launched again, so rerunning the command redoes nothing. Then RUN_DIR/versions.json
 (every stage in order), the versions evaluation (l2jax.eval.versions: every version against SFT, judged by the
 held-out judges, on the "report" half of the held-out prompts; Table 30 consistency from GAtt on) in
-RUN_DIR/eval, RUN_DIR/final (a symlink to the last version's final/, so `experiments/rlhf.py:ARG` is itself an
+RUN_DIR/eval, RUN_DIR/final (a symlink to the RL stage's final/, else the last version's, so `experiments/rlhf.py:ARG` is itself an
 experiment reference), and report.md (l2jax.report).
 """
 from __future__ import annotations
@@ -31,13 +34,14 @@ from l2jax import checkpoint as ckpt_lib
 from l2jax import config as c
 
 VERSIONS = "versions.json"
+RL_STAGES = ("ppo", "grpo", "rloo")   # experiments/<stage>.py, all stage "ppo" (PPO.estimator)
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
   """One sub-run of the composition."""
   version: str      # "V1", "V3+GAtt", "V5"
-  stage: str        # rejection | gatt | ppo
+  stage: str        # rejection | gatt | ppo | grpo | rloo | dpo
   spec: str         # experiments/<file>.py:<arg>
   run_dir: str      # relative to RUN_DIR
   sets: tuple[str, ...]
@@ -57,7 +61,7 @@ def plan(cfg: c.RLHF, run_dir: Path) -> list[Step]:
   rms = (f"reward_models.helpful={cfg.rm_helpful}", f"reward_models.safety={cfg.rm_safety}")
   steps: list[Step] = []
   prev_name, prev_final, prev_pool, prev_rs = "SFT", cfg.sft, "", ""
-  n_rs = cfg.rs_versions + int(cfg.ppo and cfg.ppo_after_rs)
+  n_rs = cfg.rs_versions + int((cfg.ppo or cfg.dpo) and cfg.ppo_after_rs)
   for n in range(1, n_rs + 1):
     d, name = f"v{n}-rs", (f"V{n}" if n <= cfg.rs_versions else f"V{n}-RS")
     pool = prev_pool if n >= cfg.pool_from else ""
@@ -72,12 +76,23 @@ def plan(cfg: c.RLHF, run_dir: Path) -> list[Step]:
       sets = (f"name={cfg.name}-v{n}-gatt", f"sampler={prev_final}", f"init={prev_final}") + tuple(cfg.gatt_sets)
       steps.append(Step(f"V{n}+GAtt", "gatt", f"experiments/gatt.py:{cfg.gatt_arg}", g, sets, prev_name))
       prev_name, prev_final = f"V{n}+GAtt", str(run_dir / g / "final")
+  n = cfg.rs_versions + 1
   if cfg.ppo:
-    n = cfg.rs_versions + 1
+    rl = cfg.final_stage
     sets = (f"name={cfg.name}-v{n}", f"policy={rs_final}") + rms
     sets += ((f"iterations={cfg.ppo_iterations}",) if cfg.ppo_iterations > 0 else ()) + tuple(cfg.ppo_sets)
-    steps.append(Step(f"V{n}", "ppo", f"experiments/ppo.py:{cfg.ppo_arg}", f"v{n}-ppo", sets, rs_name))
+    steps.append(Step(f"V{n}", rl, f"experiments/{rl}.py:{cfg.ppo_arg}", f"v{n}-{rl}", sets, rs_name))
+  if cfg.dpo:
+    sets = (f"name={cfg.name}-v{n}-dpo", f"init={rs_final}") + tuple(cfg.dpo_sets)
+    steps.append(Step(f"V{n}-DPO", "dpo", f"experiments/dpo.py:{cfg.dpo_arg}", f"v{n}-dpo", sets, rs_name))
   return steps
+
+
+def main_line(steps: list[Step]) -> Step | None:
+  """The version RUN_DIR/final points to: the RL stage's when there is one (a DPO version is a branch beside
+  it), else the last step."""
+  rl = [s for s in steps if s.stage in RL_STAGES]
+  return rl[-1] if rl else (steps[-1] if steps else None)
 
 
 def _write_versions(cfg: c.RLHF, run_dir: Path, steps: list[Step]) -> list[dict]:
@@ -128,9 +143,11 @@ def run(cfg: c.RLHF, run_dir: Path, check_sharding: bool = False):
     if not (Path(getattr(cfg, k)) / ckpt_lib.CONFIG).is_file():
       raise FileNotFoundError(f"rlhf: {k}={getattr(cfg, k)!r} is not a checkpoint directory (give a directory or "
                               f"an experiment reference such as experiments/sft.py:tiny)")
+  steps = plan(cfg, run_dir)
+  for s in steps:   # every stage's variant and overrides are valid before the first one runs for hours
+    launch.load_config(s.spec, list(s.sets))
   run_dir.mkdir(parents=True, exist_ok=True)
   ckpt_lib.run_dir_accepted(run_dir)   # config.json now, so a rerun after a failed stage is accepted
-  steps = plan(cfg, run_dir)
   _write_versions(cfg, run_dir, steps)
   for s in steps:
     d = run_dir / s.run_dir
@@ -143,8 +160,9 @@ def run(cfg: c.RLHF, run_dir: Path, check_sharding: bool = False):
       status = getattr(result, "status", "")
       print(f"rlhf: {s.version} stopped ({status or 'no final/'}); rerun the same command to resume", file=sys.stderr)
       return result
-  if steps:
-    _link_final(run_dir, run_dir / steps[-1].run_dir / "final")
+  last = main_line(steps)
+  if last is not None:
+    _link_final(run_dir, run_dir / last.run_dir / "final")
   versions.evaluate(cfg, run_dir, {s.version: str(run_dir / s.run_dir / "final") for s in steps})
   versions.consistency(cfg, run_dir, consistency_models(cfg, run_dir, steps))
   out = report.write(run_dir)
