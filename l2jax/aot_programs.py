@@ -7,6 +7,8 @@ shardings, from `jax.ShapeDtypeStruct`s (no parameters, checkpoints or data).
                            it), train_step (fine-tuning on the pool)
   ppo                      generate, score, update (section 3.2.3; `l2jax.stages.ppo.build_programs`; GRPO and
                            RLOO: batch_prompts x group_size rows, no value model)
+  dpo                      train_step (`stages.dpo.make_dpo_step`: the frozen reference's log-probs and the
+                           policy's DPO gradient per micro-batch, AdamW), eval_logps (held-out pairs, chunked)
 
 An architecture named by a reference (`init`, `policy`, `sampler`: a model directory or an experiment) is read
 from that directory's config.json or that experiment's config, never from its weights.
@@ -133,6 +135,41 @@ def reward_programs(cfg, mesh) -> list[Program]:
   return progs
 
 
+def dpo_programs(cfg, mesh) -> list[Program]:
+  """DPO's step as the stage jits it (stages.dpo.compile_dpo_step): state donated, the frozen reference an
+  argument (so its bytes count), [pairs, 2, seq] rows; and the held-out log-prob pass (stages.dpo.eval_hook)."""
+  from l2jax.stages.dpo import chunked_logps_fn, make_dpo_step
+  model_cfg = architecture(cfg.init, cfg.model)
+  if cfg.seq_len > model_cfg.max_seq_len:
+    raise AotError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+  abstract = llama.abstract(model_cfg)
+  graphdef, params = llama.split(abstract)
+  axes = llama.logical_axes(abstract)
+  micro = cfg.global_batch // cfg.micro_batch if cfg.micro_batch else 1
+  steps = max(int(cfg.steps or 0), 1)
+  optimizer = train.make_optimizer(cfg.optim, steps)
+  step_fn = make_dpo_step(graphdef, optimizer, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                          margin=cfg.margin, micro_batches=micro, schedule=train.lr_schedule(cfg.optim, steps))
+  abstract_state = jax.eval_shape(lambda p: train.init_state(p, optimizer, cfg.seed), params)
+  st_sh = train.state_shardings(abstract_state, axes, mesh)
+  P, T, i32 = cfg.global_batch, cfg.seq_len, jnp.int32
+  b_sh, batch = _batch(mesh, shd.TRAIN_RULES, {"tokens": ((P, 2, T), i32), "mask": ((P, 2, T), i32),
+                                                "answer_mask": ((P, 2, T), i32), "rating": ((P,), i32),
+                                                "valid": ((P,), jnp.float32)})
+  fn = jax.jit(step_fn, in_shardings=(st_sh, st_sh["params"], b_sh), out_shardings=(st_sh, None), donate_argnums=0)
+  state, ref = _abstract(abstract_state, st_sh), _abstract(params, st_sh["params"])
+  out = [Program("train_step", fn, (state, ref, batch), mesh, shd.TRAIN_RULES,
+                 f"{P} pairs x 2 x {T} tokens, {micro} micro-batch(es)")]
+  E = cfg.eval_batch or P
+  e_sh, e = _batch(mesh, shd.TRAIN_RULES, {"tokens": ((E, 2, T), i32), "answer_mask": ((E, 2, T), i32)})
+  chunks = E // cfg.micro_batch if cfg.micro_batch else 1
+  logps = jax.jit(chunked_logps_fn(graphdef, chunks), in_shardings=(st_sh["params"], e_sh["tokens"],
+                                                                     e_sh["answer_mask"]))
+  out.append(Program("eval_logps", logps, (ref, e["tokens"], e["answer_mask"]), mesh, shd.TRAIN_RULES,
+                     f"{E} pairs in {chunks} chunk(s)", resident=chip_bytes(state)))   # the policy's state and reference
+  return out
+
+
 def generate_program(model_cfg: LlamaConfig, mesh, rows: int, prompt_len: int, max_new_tokens: int,
                      sampling: tuple[bool, bool, bool], name: str = "generate") -> Program:
   """The sampler's prefill + decode loop (`l2jax.sample._generate`) for `rows` prompts of `prompt_len` tokens,
@@ -244,8 +281,10 @@ def programs(cfg, devices) -> list[Program]:
     return rejection_programs(cfg, mesh, devices)
   if stage == "ppo":
     return ppo_programs(cfg, mesh)
+  if stage == "dpo":
+    return dpo_programs(cfg, mesh)
   if stage in ("rlhf", "overoptimization"):
     raise AotError(f"stage {stage!r} has no programs of its own to compile (it composes other experiments: run "
                    f"--aot on each of them)")
   raise AotError(f"stage {stage!r}: --aot does not compile its programs yet (it supports pretrain, sft, gatt, "
-                 f"reward, rejection and ppo / grpo / rloo)")
+                 f"reward, rejection, ppo / grpo / rloo and dpo)")

@@ -83,12 +83,13 @@ def test_program_that_does_not_fit_exits_1_naming_it():
 
 
 @pytest.mark.slow
-def test_ppo_and_rejection_programs_through_the_launcher(tmp_path):
+def test_ppo_rejection_and_dpo_programs_through_the_launcher(tmp_path):
   pytest.importorskip("libtpu")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "L2JAX_RUNS": str(tmp_path / "runs")}
   for exp, acc, sets, progs in (("experiments/ppo.py:test", "v5e-8", [], {"generate", "score", "update"}),
                                 ("experiments/rejection.py:test", "v5p-8", ["--set", "global_batch=4"],
-                                 {"generate", "train_step"})):
+                                 {"generate", "train_step"}),
+                                ("experiments/dpo.py:test", "v5e-8", [], {"train_step", "eval_logps"})):
     out = tmp_path / exp.split("/")[1].replace(".py:", "-")
     r = subprocess.run([sys.executable, "-m", "l2jax.launch", exp, "--aot", acc, "--run-dir", str(out), *sets],
                        cwd=ROOT,
