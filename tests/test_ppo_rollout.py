@@ -142,6 +142,34 @@ def test_update_scores_the_rollout_at_the_same_temperature(models, temperature):
   assert abs(float(m1["ratio"]) - 1.0) > 1e-3      # the other temperature is off-policy
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_window_logprobs_equal_the_full_sequence_ones(models, temperature):
+  """The head and log-softmax only on the response window (window_logprobs) give the full-sequence
+  token_logprobs on every response token, and the same loss and gradient in the update (float rounding: the
+  head's matmul has another shape)."""
+  out, eos, r, batch = _rollout(models, temperature)
+  graphdef, params = models[:2]
+  model = nnx.merge(graphdef, params)
+  full_lp, full_ent = ro.token_logprobs(model(r.tokens), r.tokens, temperature)
+  win_lp, win_ent = ro.window_logprobs(model, r.tokens, ro.response_start(r.mask), N, temperature)
+  mask = np.asarray(r.mask)
+  np.testing.assert_allclose(np.asarray(win_lp)[mask], np.asarray(full_lp)[mask], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(win_ent)[mask], np.asarray(full_ent)[mask], rtol=1e-5, atol=1e-5)
+  assert np.array_equal(np.asarray(ro.response_start(r.mask)), np.asarray(batch["prompt_lens"]))
+  mb = {k: getattr(r, k) for k in ppo_lib.UPDATE_FIELDS}
+  mb["advantages"] = jnp.where(r.mask, jnp.linspace(-1.0, 1.0, r.mask.size).reshape(r.mask.shape), 0.0)
+  mb["logprobs"] = jnp.where(r.mask, r.logprobs + 0.05, 0.0)   # off-policy: the ratio and the clip matter
+  grads = {}
+  for n in (0, N):
+    vg = jax.value_and_grad(ppo_lib.policy_loss_fn(graphdef, 0.2, temperature, new_tokens=n), has_aux=True)
+    grads[n] = jax.jit(vg)(params, mb)
+  (s0, (c0, _)), g0 = grads[0]
+  (s1, (c1, _)), g1 = grads[N]
+  assert float(c0) == float(c1) and float(s1) == pytest.approx(float(s0), rel=1e-5, abs=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
 def test_a_prompt_twice_in_one_batch_gets_two_samples(models):
   """An epoch boundary can put one prompt twice in a batch: same prompt index, different rows."""
   graphdef, params = models[:2]

@@ -171,6 +171,27 @@ def test_prompt_batches_resume_and_process_sharding(tok, mixed):
     P.PromptBatches(ids, kept, **dict(kw, prompt_len=8))
 
 
+def test_prompt_batches_pad_to_the_global_batch_bucket(tok, mixed):
+  """buckets: the width is the power-of-two bucket (from 16, at most prompt_len) of the global batch's longest
+  prompt, the same on every process; the rows are those of the full-width batch, cut."""
+  ids, kept, _ = P.encode_prompts(tok, mixed[::50], 96)
+  kw = dict(batch_size=4, prompt_len=96, seed=3, pad_id=tok.pad_id)
+  full, cut = P.PromptBatches(ids, kept, **kw), P.PromptBatches(ids, kept, **kw, buckets=True)
+  halves = [P.PromptBatches(ids, kept, **kw, buckets=True, process_index=i, process_count=2) for i in range(2)]
+  widths = set()
+  for _ in range(12):
+    a, b, parts = next(full), next(cut), [next(h) for h in halves]
+    longest = max(len(ids[i]) for i in a["index"])
+    want = next(w for w in (16, 32, 64, 96) if w >= longest)
+    assert b["prompt_tokens"].shape == (4, want) and {p["prompt_tokens"].shape[1] for p in parts} == {want}
+    np.testing.assert_array_equal(b["prompt_tokens"], a["prompt_tokens"][:, :want])
+    assert np.all(a["prompt_tokens"][:, want:] == tok.pad_id)
+    for k in ("prompt_lens", "index", "is_safety"):
+      np.testing.assert_array_equal(b[k], a[k])
+    widths.add(want)
+  assert len(widths) >= 2, widths   # the sample has short and long batches
+
+
 def test_jsonl_prompts_bad_line_and_skip(tmp_path):
   path = tmp_path / "p.jsonl"
   lines = [

@@ -82,6 +82,10 @@ class PPO:
   samples_logged: responses written to samples.jsonl per iteration. snapshots: also save the policy at every
   evaluation (the starting one included) as an l2jax model directory run_dir/snapshots/<iteration>/, for
   measurements along the run (experiments/overoptimization.py measures gold reward against KL on them).
+  prompt_buckets: pad each iteration's prompts to the power-of-two bucket (from 16, at most
+  prompts.max_prompt_tokens) of its longest prompt, not to max_prompt_tokens (fewer padded positions to decode
+  and score; one compilation per bucket met; the results equal the padded ones up to float rounding, since the
+  rows are [prompt | response | padding] and causal attention never reads trailing padding).
   device_memory_gib / plan_devices: `--check-sharding` checks the per-device memory plan against this much
   accelerator memory on `plan_devices` devices (0 = the devices present).
   Group estimators (docs/ppo.md; l2jax/rl/advantages.py), the same rollout, masks, reference and loop:
@@ -139,6 +143,7 @@ class PPO:
   ckpt: Checkpointing = Checkpointing(every=10, keep=2)
   log_every: int = 1
   tensorboard: bool = True
+  prompt_buckets: bool = True
   estimator: str = "gae"
   group_size: int = 1
   kl_in: str = ""

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from l2jax.data.dialogs import OASST_ROLES, _oasst_usable, _Problem, check_messages, with_system
-from l2jax.data.preferences import _hh_turns, _json_object, _lines, _string
+from l2jax.data.preferences import _hh_turns, _json_object, _lines, _string, bucket_len
 from l2jax.data.sources import DataError, expand_paths
 from l2jax.data.tokenizer import encode_chat
 
@@ -325,11 +325,13 @@ class PromptBatches:
   process gets its contiguous share of batch_size / process_count rows (as preferences.PairBatches). Yields
   host dicts: prompt_tokens int32 [b, prompt_len] right-padded with pad_id, prompt_lens int32 [b],
   is_safety int32 [b] (0/1), index int32 [b] (into `prompts`). State {"epoch", "index"} is JSON and restores
-  the exact stream.
+  the exact stream. buckets: prompt_tokens is [b, W] with W = preferences.bucket_len(the longest prompt of the
+  *global* batch, prompt_len), a power of two from 16 (so every process pads alike and the jitted programs see a
+  few widths), instead of [b, prompt_len].
   """
 
   def __init__(self, ids: Sequence[Sequence[int]], prompts: Sequence[Prompt], *, batch_size: int, prompt_len: int,
-               seed: int, pad_id: int, process_index: int = 0, process_count: int = 1):
+               seed: int, pad_id: int, process_index: int = 0, process_count: int = 1, buckets: bool = False):
     if not ids:
       raise DataError("no prompts")
     if len(ids) != len(prompts):
@@ -342,7 +344,7 @@ class PromptBatches:
     self.ids, self.prompts = [list(x) for x in ids], list(prompts)
     self.batch_size, self.local = batch_size, batch_size // process_count
     self.offset = process_index * self.local
-    self.prompt_len, self.seed, self.pad_id = prompt_len, seed, pad_id
+    self.prompt_len, self.seed, self.pad_id, self.buckets = prompt_len, seed, pad_id, buckets
     self.epoch, self.index = 0, 0
     self._order = self._permutation(0)
 
@@ -361,7 +363,8 @@ class PromptBatches:
       picked.append(int(self._order[self.index]))
       self.index += 1
     mine = picked[self.offset:self.offset + self.local]
-    tokens = np.full((len(mine), self.prompt_len), self.pad_id, np.int32)
+    width = bucket_len(max(len(self.ids[i]) for i in picked), self.prompt_len) if self.buckets else self.prompt_len
+    tokens = np.full((len(mine), width), self.pad_id, np.int32)
     for r, i in enumerate(mine):
       tokens[r, :len(self.ids[i])] = self.ids[i]
     return {"prompt_tokens": tokens,

@@ -225,10 +225,15 @@ class Llama(nnx.Module):
                segment_ids_bt: jax.Array | None = None, cache: KVCache | None = None):
     """float32 logits [B, T, vocab]; with a cache, (logits, updated cache). Arguments as in `hidden`."""
     h_btd, new_cache = self.hidden(tokens_bt, positions_bt, segment_ids_bt, cache)
+    logits_btv = self.head(h_btd)
+    return logits_btv if cache is None else (logits_btv, new_cache)
+
+  def head(self, h_btd: jax.Array) -> jax.Array:
+    """float32 logits [B, T, vocab] of final-normed hidden states [B, T, D]: any T positions, so a caller that needs
+    the next-token distribution at a few positions (PPO's response window) gathers those first."""
     B, T, D = h_btd.shape  # as one [B*T, D] x [D, V] matmul: XLA's CPU backward of the 3-D einsum is 2x slower
     logits_btv = (h_btd.reshape(B * T, D) @ self.lm_head[...].astype(h_btd.dtype)).reshape(B, T, -1)
-    logits_btv = constrain(logits_btv, ("batch", "seq", "vocab")).astype(jnp.float32)
-    return logits_btv if cache is None else (logits_btv, new_cache)
+    return constrain(logits_btv, ("batch", "seq", "vocab")).astype(jnp.float32)
 
 
 def init(cfg: LlamaConfig, seed: int = 0) -> Llama:

@@ -22,24 +22,37 @@ from flax import nnx
 
 from l2jax.losses import ppo_policy_loss, ppo_value_loss
 from l2jax.rl import advantages as adv_lib
-from l2jax.rl.rollout import shift_right, token_logprobs
+from l2jax.rl.rollout import response_start, shift_right, token_logprobs, window_logprobs
 
 UPDATE_FIELDS = ("tokens", "mask", "logprobs", "values", "advantages", "returns")
 GROUP_UPDATE_FIELDS = ("tokens", "mask", "logprobs", "ref_logprobs", "advantages")
 
 
-def policy_loss_fn(graphdef, clip: float, temperature: float = 1.0) -> Callable:
+def logprobs_fn(graphdef, temperature: float = 1.0, new_tokens: int = 0) -> Callable:
+  """lp(params, mb) -> log pi(tokens[t] | tokens[:t]) float32 [B, T] of logits / temperature, as the rollout scored
+  them (l2jax/rl/rollout.py). new_tokens > 0: the head only on each row's response window of that many positions
+  (`rollout.window_logprobs`, from the row's first response token); 0: at every position."""
+  def lp(params, mb):
+    model = nnx.merge(graphdef, params)
+    if new_tokens:
+      return window_logprobs(model, mb["tokens"], response_start(mb["mask"]), new_tokens, temperature)[0]
+    return token_logprobs(model(mb["tokens"]), mb["tokens"], temperature)[0]
+  return lp
+
+
+def policy_loss_fn(graphdef, clip: float, temperature: float = 1.0, new_tokens: int = 0) -> Callable:
   """loss(policy_params, mb) -> (sum of the clipped policy loss, (token count, metrics)) (l2jax.losses); the
-  log-probabilities are of logits / temperature, as the rollout scored them (l2jax/rl/rollout.py)."""
+  log-probabilities are `logprobs_fn`'s."""
+  logprobs = logprobs_fn(graphdef, temperature, new_tokens)
+
   def loss(params, mb):
-    lp_bt, _ = token_logprobs(nnx.merge(graphdef, params)(mb["tokens"]), mb["tokens"], temperature)
-    s, n, m = ppo_policy_loss(lp_bt, mb["logprobs"], mb["advantages"], mb["mask"], clip)
+    s, n, m = ppo_policy_loss(logprobs(params, mb), mb["logprobs"], mb["advantages"], mb["mask"], clip)
     return s, (n, m)
   return loss
 
 
 def group_policy_loss_fn(graphdef, clip: float, temperature: float = 1.0, *, normalization: str = "token",
-                         kl_beta: float = 0.0) -> Callable:
+                         kl_beta: float = 0.0, new_tokens: int = 0) -> Callable:
   """loss(policy_params, mb) -> (loss x count, (count, metrics)) of `advantages.policy_loss` (GRPO / RLOO): the
   clipped surrogate, + kl_beta * k3 against mb["ref_logprobs"] per token when kl_beta > 0 (DeepSeekMath eq. 3),
   normalised per token (count = response tokens) or per sequence (count = rows with a response token).
@@ -49,8 +62,10 @@ def group_policy_loss_fn(graphdef, clip: float, temperature: float = 1.0, *, nor
   mean). Metrics are weighted by the same count: "clipfrac", "approx_kl", "ratio" and, with the KL term,
   "kl_loss" (mean k3 per token).
   """
+  logprobs = logprobs_fn(graphdef, temperature, new_tokens)
+
   def loss(params, mb):
-    lp_bt, _ = token_logprobs(nnx.merge(graphdef, params)(mb["tokens"]), mb["tokens"], temperature)
+    lp_bt = logprobs(params, mb)
     kl_bt = adv_lib.k3_kl(lp_bt, mb["ref_logprobs"]) if kl_beta > 0 else None
     mean, m = adv_lib.policy_loss(lp_bt, mb["logprobs"], mb["advantages"], mb["mask"], clip,
                                   normalization=normalization, kl_bt=kl_bt, beta=kl_beta)
@@ -96,14 +111,14 @@ def accumulated_grads(loss_fn: Callable, params: Any, mb: dict, micro: int):
 
 def make_update(policy_graphdef, value_graphdef, policy_opt: optax.GradientTransformation,
                 value_opt: optax.GradientTransformation | None, *, minibatch: int, micro_batch: int, epochs: int,
-                clip: float, value_clip: float, temperature: float = 1.0,
+                clip: float, value_clip: float, temperature: float = 1.0, new_tokens: int = 0,
                 policy_loss: Callable | None = None) -> Callable:
   """update(state, data {UPDATE_FIELDS: [B, T]}, key_data) -> (new state, metrics averaged over mini-batches).
 
-  minibatch, micro_batch: rows. policy_loss: replaces PPO's (`group_policy_loss_fn`); value_graphdef None: no
+  minibatch, micro_batch: rows. new_tokens: the response window of the policy's head (`logprobs_fn`). policy_loss: replaces PPO's (`group_policy_loss_fn`); value_graphdef None: no
   value model (data holds the fields the policy loss reads, GROUP_UPDATE_FIELDS).
   """
-  p_loss = policy_loss or policy_loss_fn(policy_graphdef, clip, temperature)
+  p_loss = policy_loss or policy_loss_fn(policy_graphdef, clip, temperature, new_tokens)
   v_loss = value_loss_fn(value_graphdef, value_clip) if value_graphdef is not None else None
   micro = minibatch // micro_batch if micro_batch else 1
 

@@ -18,7 +18,8 @@ Two pure functions, each jitted once by the PPO stage with explicit shardings:
 
   score(params, frozen, batch, responses) -> Rollout
     Assembles [prompt | response | pad] rows, then one forward pass each of the policy, the frozen reference
-    policy, the value model and both reward models over the whole rows; computes R~c = WHITEN(LOGIT(Rc)) over
+    policy, the value model and both reward models over the whole rows (the policies' vocabulary head and
+    log-softmax on the response window only: `window_logprobs`); computes R~c = WHITEN(LOGIT(Rc)) over
     the batch, the per-token KL rewards and GAE (l2jax/rl/rewards.py, l2jax/rl/gae.py).
 
   group_score(params, frozen, batch, responses) -> Rollout   (`make_group_score`: GRPO, RLOO)
@@ -112,6 +113,38 @@ def token_logprobs(logits_btv: jax.Array, tokens_bt: jax.Array,
   return jnp.pad(lp_bt, ((0, 0), (1, 0))), jnp.pad(ent_bt, ((0, 0), (1, 0)))
 
 
+def window_logprobs(model, tokens_bt: jax.Array, start_b: jax.Array, n: int,
+                    temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """`token_logprobs` of `model` (a Llama) on each row's window t in [start_b, start_b + n) only, float32 [B, T],
+  0 elsewhere: the transformer runs over the whole rows, but the [D, V] head and the log-softmax only at the n
+  positions that predict the window's tokens (hidden state at t - 1), gathered first. PPO's window is the
+  response: n = max_new_tokens of T = prompt + response positions (1024 of 2048 at the paper's sizes). One
+  log-softmax gives the log-probability and the entropy. Equal to `token_logprobs` of the full logits on the
+  window, up to float rounding (the head's matmul has another shape); start_b >= 1."""
+  h_btd, _ = model.hidden(tokens_bt)
+  B, T = tokens_bt.shape
+  pos_bn = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]            # the window's tokens
+  h_bnd = jnp.take_along_axis(h_btd, jnp.clip(pos_bn - 1, 0, T - 1)[..., None], axis=1)
+  logits_bnv = model.head(h_bnd)
+  if temperature != 1.0:
+    logits_bnv = logits_bnv / temperature
+  logp_bnv = jax.nn.log_softmax(logits_bnv, axis=-1)
+  tgt_bn = jnp.take_along_axis(tokens_bt, jnp.clip(pos_bn, 0, T - 1), axis=1)
+  vocab_v = jnp.arange(logp_bnv.shape[-1], dtype=jnp.int32)
+  lp_bn = jnp.sum(jnp.where(vocab_v == tgt_bn[..., None], logp_bnv, 0.0), axis=-1)   # select, no gather (as token_nll)
+  ent_bn = -jnp.sum(jnp.exp(logp_bnv) * logp_bnv, axis=-1)
+  k_bt = jnp.arange(T, dtype=jnp.int32)[None, :] - start_b[:, None]
+  inside_bt = (k_bt >= 0) & (k_bt < n)
+  back = lambda x_bn: jnp.where(inside_bt, jnp.take_along_axis(x_bn, jnp.clip(k_bt, 0, n - 1), axis=1), 0.0)
+  return back(lp_bn), back(ent_bn)
+
+
+def response_start(mask_bt: jax.Array) -> jax.Array:
+  """int32 [B]: the position of each row's first response token (`assemble` puts it right after the prompt; a row
+  without one gets 1, its window is masked out anyway)."""
+  return jnp.maximum(jnp.argmax(mask_bt, axis=1), 1).astype(jnp.int32)
+
+
 def chunked(fn: Callable, chunks: int, *xs):
   """fn over the rows of xs in `chunks` chunks (lax.map; chunk i = rows i::chunks, as the train step splits
   micro-batches), so a big batch's [B, T, V] logits never live at once; chunks <= 1 calls fn once."""
@@ -199,10 +232,9 @@ def make_score(policy_graphdef, ref_graphdef, value_graphdef, reward_fn: RewardF
   chunks: the forward passes run over the rows in this many chunks (memory; the result is the same).
   temperature: the sampling temperature; log-probabilities and entropy are those of logits / temperature.
   """
-  def forward(params, frozen, tokens_bt):
-    logits = nnx.merge(policy_graphdef, params["policy"])(tokens_bt)
-    lp_bt, ent_bt = token_logprobs(logits, tokens_bt, temperature)
-    ref_lp_bt, _ = token_logprobs(nnx.merge(ref_graphdef, frozen["ref"])(tokens_bt), tokens_bt, temperature)
+  def forward(params, frozen, tokens_bt, start_b, n):
+    lp_bt, ent_bt = window_logprobs(nnx.merge(policy_graphdef, params["policy"]), tokens_bt, start_b, n, temperature)
+    ref_lp_bt, _ = window_logprobs(nnx.merge(ref_graphdef, frozen["ref"]), tokens_bt, start_b, n, temperature)
     v_bt = shift_right(nnx.merge(value_graphdef, params["value"]).values(tokens_bt))
     return lp_bt, ent_bt, ref_lp_bt, v_bt
 
@@ -210,7 +242,8 @@ def make_score(policy_graphdef, ref_graphdef, value_graphdef, reward_fn: RewardF
     tokens, mask, seq_mask = assemble(batch["prompt_tokens"], batch["prompt_lens"], resp.tokens_bn,
                                       resp.lengths_b, pad_id)
     tokens = shd.constrain(tokens, ("batch", "seq"))
-    lp, ent, ref_lp, v = chunked(lambda t: forward(params, frozen, t), chunks, tokens)
+    start_b, n = jnp.maximum(batch["prompt_lens"], 1), resp.tokens_bn.shape[1]
+    lp, ent, ref_lp, v = chunked(lambda t, s: forward(params, frozen, t, s, n), chunks, tokens, start_b)
     helpful_b, safety_b = chunked(lambda t, s, m: reward_fn(frozen, t, s, m), chunks, tokens, seq_mask, mask)
     zero = lambda x: jnp.where(mask, x, 0.0)
     lp, ref_lp, v = zero(lp), zero(ref_lp), zero(v)
@@ -246,16 +279,17 @@ def make_group_score(policy_graphdef, ref_graphdef, reward_fn: RewardFn, *, esti
     raise ValueError(f"make_group_score: kl_in must be 'reward' or 'loss', found {kl_in!r}")
   estimate = adv_lib.grpo if estimator == "grpo" else adv_lib.rloo
 
-  def forward(params, frozen, tokens_bt):
-    lp_bt, ent_bt = token_logprobs(nnx.merge(policy_graphdef, params["policy"])(tokens_bt), tokens_bt, temperature)
-    ref_lp_bt, _ = token_logprobs(nnx.merge(ref_graphdef, frozen["ref"])(tokens_bt), tokens_bt, temperature)
+  def forward(params, frozen, tokens_bt, start_b, n):
+    lp_bt, ent_bt = window_logprobs(nnx.merge(policy_graphdef, params["policy"]), tokens_bt, start_b, n, temperature)
+    ref_lp_bt, _ = window_logprobs(nnx.merge(ref_graphdef, frozen["ref"]), tokens_bt, start_b, n, temperature)
     return lp_bt, ent_bt, ref_lp_bt
 
   def score(params, frozen, batch, resp: Responses) -> Rollout:
     tokens, mask, seq_mask = assemble(batch["prompt_tokens"], batch["prompt_lens"], resp.tokens_bn,
                                       resp.lengths_b, pad_id)
     tokens = shd.constrain(tokens, ("batch", "seq"))
-    lp, ent, ref_lp = chunked(lambda t: forward(params, frozen, t), chunks, tokens)
+    start_b, n = jnp.maximum(batch["prompt_lens"], 1), resp.tokens_bn.shape[1]
+    lp, ent, ref_lp = chunked(lambda t, s: forward(params, frozen, t, s, n), chunks, tokens, start_b)
     helpful_b, safety_b = chunked(lambda t, s, m: reward_fn(frozen, t, s, m), chunks, tokens, seq_mask, mask)
     zero = lambda x: jnp.where(mask, x, 0.0)
     lp, ref_lp = zero(lp), zero(ref_lp)

@@ -237,7 +237,8 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
                                     temperature=cfg.temperature)
     loss = ppo_lib.group_policy_loss_fn(m.graphdefs["policy"], cfg.clip, cfg.temperature,
                                         normalization=cfg.normalization,
-                                        kl_beta=cfg.kl_beta if cfg.kl_placement == "loss" else 0.0)
+                                        kl_beta=cfg.kl_beta if cfg.kl_placement == "loss" else 0.0,
+                                        new_tokens=cfg.max_new_tokens)
     update = ppo_lib.make_update(m.graphdefs["policy"], None, opts["policy"], None,
                                  minibatch=cfg.minibatch * k_group, micro_batch=cfg.micro_batch * k_group,
                                  epochs=cfg.ppo_epochs, clip=cfg.clip, value_clip=cfg.value_clip,
@@ -251,7 +252,8 @@ def build_programs(cfg: c.PPO, m: Models, mesh, reward_fn=None) -> Programs:
                               chunks=chunks, temperature=cfg.temperature)
     update = ppo_lib.make_update(m.graphdefs["policy"], m.graphdefs["value"], opts["policy"], opts["value"],
                                  minibatch=cfg.minibatch, micro_batch=cfg.micro_batch, epochs=cfg.ppo_epochs,
-                                 clip=cfg.clip, value_clip=cfg.value_clip, temperature=cfg.temperature)
+                                 clip=cfg.clip, value_clip=cfg.value_clip, temperature=cfg.temperature,
+                                 new_tokens=cfg.max_new_tokens)
     fields = ppo_lib.UPDATE_FIELDS
   thr = float(np.log(cfg.reward_models.safety_threshold) - np.log1p(-cfg.reward_models.safety_threshold))
   k = cfg.samples_logged
@@ -323,7 +325,8 @@ class PPOStep:
       jax.block_until_ready(metrics)
       t3 = time.perf_counter()
     return state, {**stats, **metrics, **picked, "t_generate": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
-                   "gen_tokens_per_s": float(stats["gen_tokens"]) / max(t1 - t0, 1e-9)}
+                   "gen_tokens_per_s": float(stats["gen_tokens"]) / max(t1 - t0, 1e-9),
+                   "prompt_width": int(batch["prompt_tokens"].shape[1])}
 
 
 # ----------------------------------------------------------------------------------------------- --check-sharding
@@ -398,7 +401,7 @@ def run(cfg: c.PPO, run_dir: Path, check_sharding: bool = False, reward_fn=None)
   progs = build_programs(cfg, m, mesh, reward_fn)
   batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts, prompt_len=P,
                                       seed=cfg.seed, pad_id=m.tokenizer.pad_id, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+                                      process_count=jax.process_count(), buckets=cfg.prompt_buckets)
   identity = {"stage": "ppo", "name": cfg.name, "init": cfg.policy,
               "policy": {k: getattr(m.policy_cfg, k) for k in ("vocab_size", "dim", "n_layers", "n_heads",
                                                                "n_kv_heads", "ffn_dim")}}
