@@ -32,7 +32,8 @@ def _reward_spec(work: Path) -> dict:
 
 
 def _check_timings(r: dict, key: str, per: str):
-  assert len(r[per]) == TOY["iters"]
+  # l2jax's PPO leaves out the iterations that compiled a new prompt width (timed_iterations)
+  assert len(r[per]) == len(r.get("timed_iterations", r[per])) and 1 <= len(r[per]) <= TOY["iters"]
   assert all(math.isfinite(t) and t > 0 for t in r[per])
   assert min(r[per]) <= r[key] <= max(r[per])
 
@@ -56,8 +57,20 @@ def test_ppo_l2jax_side(tmp_path):
   assert all(0 < len(p) <= spec["prompt_len"] and max(p) < 512 for p in ids)
   metrics = [json.loads(x) for x in (tmp_path / "l2jax_ppo_run" / "metrics.jsonl").read_text().splitlines()]
   assert max(m["step"] for m in metrics) == spec["warmup"] + spec["iters"] + 1
-  row = bench_ppo.table([r]).splitlines()[-1]
+  row = bench_ppo.table({"l2jax": [r]}).splitlines()[-1]
   assert row.startswith("| l2jax") and f"{r['s_per_iter']:.3f}" in row
+  widths = r["prompt_widths"]   # per iteration; an iteration meeting a new width is never timed
+  assert all(w in (16, 32, 48) for w in widths) and len(widths) == spec["warmup"] + spec["iters"] + 1
+  assert all(widths[i - 1] in widths[:i - 1] for i in r["timed_iterations"])
+
+
+def test_ppo_table_gives_medians_over_interleaved_runs_and_the_load_flag():
+  run = lambda it, g, sc, tr: {"impl": "x", "s_per_iter": it, "s_generate": g, "s_score": sc, "s_train": tr,
+                               "gen_tokens_per_s": 100.0}
+  row = bench_ppo.table({"l2jax": [run(3.0, 1.0, 1.0, 1.0), run(5.0, 2.0, 1.5, 1.5), run(4.0, 1.2, 1.1, 1.7)]})
+  assert row.splitlines()[-1] == "| x | 4.000 (3.000-5.000) | 1.200 (1.000-2.000) | 1.100 (1.000-1.500) | " \
+                                 "1.500 (1.000-1.700) | 100 |"
+  assert bench_ppo.quiet([0.3, 1.9], 2) and not bench_ppo.quiet([0.3, 2.0], 2)
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 """Benchmark `ppo`: seconds per PPO iteration and generated tokens/s of l2jax's PPO stage against TRL's
 PPOTrainer (trl==1.12.0, `trl.experimental.ppo`) on the same random-weight Llama, prompts, batch and length.
 
-  python tools/bench.py ppo [--preset tiny] [--batch 16] [--new 32] [--prompt-len 128] [--iters 4]
-      [--prompts hh-helpful:data/hh-rlhf/helpful-base-test.jsonl.gz] [--skip-trl] [--json F] [--workdir D]
+  python tools/bench.py ppo [--preset tiny] [--shape dim=512 ...] [--batch 16] [--new 32] [--prompt-len 128]
+      [--iters 4] [--repeats 3] [--prompts hh-helpful:data/hh-rlhf/helpful-base-test.jsonl.gz] [--skip-trl]
+      [--json F] [--workdir D]
 
 Weights: a random HF `LlamaForCausalLM` (the policy; also the reference) and a random
 `LlamaForSequenceClassification` with num_labels=1 (the reward model; also the value model's start) of the
@@ -21,8 +22,13 @@ Per iteration (num_ppo_epochs = 1, one optimiser step per iteration on both side
     num_mini_batches 1) and one AdamW step over both (no gradient clipping in TRL's PPO loop).
 Both run float32 on CPU, without gradient checkpointing. s/iteration is the median wall time of `--iters`
 iterations after `--warmup` (compilation, first calls), the last one (l2jax saves its checkpoint there) not
-counted; generated tokens/s = the iteration's new tokens / its generation time. Each side runs in its own child
-process (JAX and torch would fight over the cores).
+counted, and on l2jax's side not those that met a new prompt width (`prompt_buckets`: they compile);
+generated tokens/s = the iteration's new tokens / its generation time. Phases: l2jax's t_generate / t_score /
+t_train; TRL's generation (batch_generation), score (the rollout's no-grad forward passes: reference, value and
+reward model) and train (the rest of the iteration: rewards, GAE, the update). Each side runs in its own child
+process (JAX and torch would fight over the cores), `--repeats` times, interleaved (l2jax, TRL, l2jax, ...);
+the table gives the median over runs (min-max in brackets), and the ratio is flagged NOT A RESULT when the
+1-minute load average reached the core count around any run.
 """
 from __future__ import annotations
 
@@ -186,15 +192,21 @@ def run_l2jax(spec: dict) -> dict:
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   rows = sorted((r for r in rows if "t_generate" in r), key=lambda r: r["step"])
   w, k = spec["warmup"], spec["iters"]
-  it_s = steady([b - a for a, b in zip(starts, starts[1:])], w, k)
-  gen_s = steady([r["t_generate"] for r in rows], w, k)
-  new_tok = steady([r["response_len"] * cfg.batch_prompts for r in rows], w, k)
+  # an iteration that meets a new prompt width (prompt_buckets) compiles its programs: not a steady iteration
+  widths = [int(r.get("prompt_width", cfg.prompts.max_prompt_tokens)) for r in rows]
+  fresh = [x not in widths[:i] for i, x in enumerate(widths)]
+  steady(widths, w, k)   # enough iterations ran
+  keep = [i for i in range(w, w + k) if not fresh[i]] or list(range(w, w + k))
+  pick = lambda vals: [vals[i] for i in keep]
+  it_s = pick([b - a for a, b in zip(starts, starts[1:])])
+  gen_s = pick([r["t_generate"] for r in rows])
+  new_tok = pick([r["response_len"] * cfg.batch_prompts for r in rows])
   # the prompts the iterations drew, for the peer
   m = ppo.load_models(cfg)
   data = ppo.load_prompts(cfg.prompts, m.tokenizer)
   batches = prompts_lib.PromptBatches(data.train_ids, data.train, batch_size=cfg.batch_prompts,
                                       prompt_len=cfg.prompts.max_prompt_tokens, seed=cfg.seed,
-                                      pad_id=m.tokenizer.pad_id)
+                                      pad_id=m.tokenizer.pad_id, buckets=cfg.prompt_buckets)
   ids = []
   for _ in range(cfg.iterations):
     b = next(batches)
@@ -202,8 +214,9 @@ def run_l2jax(spec: dict) -> dict:
   (work / "prompts.json").write_text(json.dumps(ids))
   return {"impl": f"l2jax (JAX {jax.__version__}, stages.ppo)", "s_per_iter": statistics.median(it_s),
           "s_generate": statistics.median(gen_s),
-          "s_score": statistics.median(steady([r["t_score"] for r in rows], w, k)),
-          "s_train": statistics.median(steady([r["t_train"] for r in rows], w, k)),
+          "s_score": statistics.median(pick([r["t_score"] for r in rows])),
+          "s_train": statistics.median(pick([r["t_train"] for r in rows])),
+          "prompt_widths": widths, "timed_iterations": [i + 1 for i in keep],
           "gen_tokens_per_s": statistics.median(n / t for n, t in zip(new_tok, gen_s)),
           "new_tokens_per_iter": statistics.median(new_tok), "first_iter_s": starts[1] - starts[0],
           "iter_s": it_s, "total_s": total, "prompts": len(data.train_ids),
@@ -236,6 +249,7 @@ def run_trl(spec: dict) -> dict:
                    dataloader_num_workers=0)
   ends: list[float] = []
   gen: list[float] = []
+  score, scores = [0.0], []   # seconds of score since the last iteration ended; per iteration
 
   class Clock(transformers.TrainerCallback):
     def on_train_begin(self, *a, **k):
@@ -243,6 +257,8 @@ def run_trl(spec: dict) -> dict:
 
     def on_step_end(self, *a, **k):
       ends.append(time.perf_counter())
+      scores.append(score[0])
+      score[0] = 0.0
 
   inner = trl_ppo.batch_generation
 
@@ -252,6 +268,17 @@ def run_trl(spec: dict) -> dict:
     gen.append(time.perf_counter() - t)
     return out
   trl_ppo.batch_generation = timed_generation
+
+  def scored(fn):   # the rollout's no-grad forward passes (reference, value, reward model) are score time
+    def wrapped(*a, **k):
+      if torch.is_grad_enabled():   # the update's forward (with gradients) is training time
+        return fn(*a, **k)
+      t = time.perf_counter()
+      out = fn(*a, **k)
+      score[0] += time.perf_counter() - t
+      return out
+    return wrapped
+  trl_ppo.forward, trl_ppo.get_reward = scored(trl_ppo.forward), scored(trl_ppo.get_reward)
   trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                        train_dataset=datasets.Dataset.from_dict({"input_ids": ids}), value_model=value,
                        callbacks=[Clock()])
@@ -260,10 +287,12 @@ def run_trl(spec: dict) -> dict:
   total = time.perf_counter() - t0
   w, k, new = spec["warmup"], spec["iters"], spec["batch"] * spec["new"]
   it_s = steady([b - a for a, b in zip(ends, ends[1:])], w, k)
-  gen_s = steady(gen, w, k)
+  gen_s, score_s = steady(gen, w, k), steady(scores, w, k)
   return {"impl": f"TRL {trl.__version__} PPOTrainer (torch {torch.__version__}, transformers "
                   f"{transformers.__version__})", "s_per_iter": statistics.median(it_s),
-          "s_generate": statistics.median(gen_s), "gen_tokens_per_s": statistics.median(new / t for t in gen_s),
+          "s_generate": statistics.median(gen_s), "s_score": statistics.median(score_s),
+          "s_train": statistics.median(i - g - c for i, g, c in zip(it_s, gen_s, score_s)),
+          "gen_tokens_per_s": statistics.median(new / t for t in gen_s),
           "new_tokens_per_iter": new, "first_iter_s": ends[1] - ends[0], "iter_s": it_s, "total_s": total,
           "torch_threads": torch.get_num_threads()}
 
@@ -283,49 +312,82 @@ def _args(argv):
   p.add_argument("--workdir", help="models, prompts and logs (default: a temp dir, removed)")
   p.add_argument("--skip-trl", action="store_true", help="time l2jax only")
   p.add_argument("--json", help="also write the results to this JSON file")
+  p.add_argument("--repeats", type=int, default=3, help="interleaved runs per side (l2jax, TRL, l2jax, ...)")
+  p.add_argument("--shape", action="append", default=[], metavar="KEY=INT",
+                 help="override the preset's shape, e.g. --shape dim=512 --shape n_layers=8 (repeatable)")
   a = p.parse_args(argv)
   a.prompts = a.prompts or ["hh-helpful:data/hh-rlhf/helpful-base-test.jsonl.gz"]
   return a
 
 
-def table(rows: list[dict]) -> str:
-  out = ["| impl | s / iteration | generate s | score + update s | generated tokens/s |", "|---|---:|---:|---:|---:|"]
-  for r in rows:
-    out.append(f"| {r['impl']} | {r['s_per_iter']:.3f} | {r['s_generate']:.3f} | "
-               f"{r['s_per_iter'] - r['s_generate']:.3f} | {r['gen_tokens_per_s']:,.0f} |")
+PHASES = ("s_generate", "s_score", "s_train")
+
+
+def _median_spread(xs: list[float]) -> str:
+  return f"{statistics.median(xs):.3f}" + (f" ({min(xs):.3f}-{max(xs):.3f})" if len(xs) > 1 else "")
+
+
+def table(runs: dict[str, list[dict]]) -> str:
+  """One row per side: the median over repeats of each repeat's median (min-max over repeats in brackets)."""
+  out = ["| impl | s / iteration | generate s | score s | train s | generated tokens/s |",
+         "|---|---:|---:|---:|---:|---:|"]
+  for rows in runs.values():
+    cols = [_median_spread([r[k] for r in rows]) for k in ("s_per_iter",) + PHASES]
+    out.append(f"| {rows[0]['impl']} | " + " | ".join(cols) +
+               f" | {statistics.median(r['gen_tokens_per_s'] for r in rows):,.0f} |")
   return "\n".join(out)
+
+
+def quiet(loads: list[float], cores: int) -> bool:
+  """A ratio is a result only if the 1-minute load average stayed below the core count around every run."""
+  return max(loads) < cores
 
 
 def run(argv: list[str]) -> dict:
   a = _args(argv)
   spec = {"preset": a.preset, "batch": a.batch, "new": a.new, "prompt_len": a.prompt_len, "prompts": a.prompts,
-          "iters": a.iters, "warmup": a.warmup, "tokenizer": a.tokenizer}
+          "iters": a.iters, "warmup": a.warmup, "tokenizer": a.tokenizer,
+          "shape": dict((k, int(v)) for k, v in (x.split("=", 1) for x in a.shape))}
   tmp = None if a.workdir else tempfile.mkdtemp(prefix="bench_ppo_")
   spec["work"] = str(Path(a.workdir or tmp).resolve())
   Path(spec["work"]).mkdir(parents=True, exist_ok=True)
   peer = not a.skip_trl and trl_available()
-  load0 = load_avg()
+  sides = ["l2jax"] + (["trl"] if peer else [])
+  runs: dict[str, list[dict]] = {s: [] for s in sides}
+  loads = [os.getloadavg()[0]]
   try:
     if peer:
       child(__file__, "hf_models", spec)
-    rows = [child(__file__, "l2jax", spec)]
-    if peer:
-      rows.append(child(__file__, "trl", spec))
+    for _ in range(a.repeats):   # interleaved: l2jax, TRL, l2jax, TRL, ...
+      for side in sides:
+        runs[side].append(child(__file__, side, spec))
+        loads.append(os.getloadavg()[0])
   finally:
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)
-  print(f"ppo {a.preset}: {a.batch} prompts x {a.new} new tokens (prompts <= {a.prompt_len} tokens, mean "
-        f"{rows[0]['mean_prompt_len']:.0f}), 1 PPO epoch, 1 optimiser step per iteration; median of {a.iters} "
-        f"iterations after {a.warmup}; load average {load0} -> {load_avg()}")
+  cores = os.cpu_count() or 1
+  first = runs["l2jax"][0]
+  print(f"ppo {a.preset}{' ' + str(spec['shape']) if spec['shape'] else ''}: {a.batch} prompts x {a.new} new "
+        f"tokens (prompts <= {a.prompt_len} tokens, mean {first['mean_prompt_len']:.0f}; l2jax pads each batch to "
+        f"the bucket of its longest, widths {sorted(set(first['prompt_widths']))}), 1 PPO epoch, 1 optimiser step "
+        f"per iteration; per run the median of {a.iters} iterations after {a.warmup} (l2jax: those that compiled a "
+        f"new width left out); {a.repeats} interleaved run(s) per side; 1-min load average "
+        f"{' -> '.join(f'{x:.2f}' for x in loads)} on {cores} cores")
   if not peer and not a.skip_trl:
     print("  TRL not installed (pip install -e '.[bench]'); l2jax only")
-  print(table(rows))
-  results = {"spec": {k: v for k, v in spec.items() if k != "work"}, "rows": rows}
-  if len(rows) == 2:
-    results["speedup"] = rows[1]["s_per_iter"] / rows[0]["s_per_iter"]
-    results["gen_ratio"] = rows[0]["gen_tokens_per_s"] / rows[1]["gen_tokens_per_s"]
-    print(f"l2jax vs TRL: {results['speedup']:.2f}x faster per iteration, {results['gen_ratio']:.2f}x the "
-          f"generated tokens/s")
+  print(table(runs))
+  results = {"spec": {k: v for k, v in spec.items() if k != "work"}, "runs": runs, "loads": loads, "cores": cores,
+             "quiet": quiet(loads, cores)}
+  if peer:
+    med = lambda side, k: statistics.median(r[k] for r in runs[side])
+    results["speedup"] = med("trl", "s_per_iter") / med("l2jax", "s_per_iter")
+    results["phase_ratio"] = {k: med("trl", k) / max(med("l2jax", k), 1e-9) for k in PHASES}
+    results["gen_ratio"] = med("l2jax", "gen_tokens_per_s") / med("trl", "gen_tokens_per_s")
+    flag = "" if results["quiet"] else (f"  [NOT A RESULT: the load average reached {max(loads):.2f} on {cores} "
+                                        f"cores; torch suffers more from contention than XLA]")
+    print(f"l2jax vs TRL: {results['speedup']:.2f}x faster per iteration (generate "
+          f"{results['phase_ratio']['s_generate']:.2f}x, score {results['phase_ratio']['s_score']:.2f}x, train "
+          f"{results['phase_ratio']['s_train']:.2f}x), {results['gen_ratio']:.2f}x the generated tokens/s{flag}")
   if a.json:
     Path(a.json).write_text(json.dumps(results, indent=2))
   return results

@@ -2,7 +2,7 @@
 """Benchmark `reward`: pairs/s of l2jax's reward-model training (stages.reward) against TRL's RewardTrainer
 (with the `margin` column) on the same random-weight Llama backbone, pairs, batch and sequence length.
 
-  python tools/bench.py reward [--preset tiny] [--batch 16] [--seq 256] [--iters 5]
+  python tools/bench.py reward [--preset tiny] [--batch 16] [--seq 256] [--iters 5] [--repeats 3] [--pad batch]
       [--pairs hh:data/hh-rlhf/helpful-base-test.jsonl.gz --pairs oasst:data/oasst/en_100_tree.jsonl]
       [--margin small] [--skip-trl] [--json F] [--workdir D]
 
@@ -13,16 +13,22 @@ the exact pairs its steps train on, as the token ids it builds (chat format, row
 and their tail), go to TRL as chosen_ids / rejected_ids with margin = m(rating) of the --margin table
 (Llama 2 Table 27; unrated HH pairs 0; OASST pairs are rated), so both sides compute
 -log sigmoid(r_c - r_r - m) on the same rows.
-Per step, both sides: one forward/backward of --batch pairs (2 x batch rows, padded to exactly --seq tokens:
-l2jax always, TRL with pad_to_multiple_of = --seq) and one AdamW step (gradient clipping 1.0, constant lr),
-float32 on CPU, no gradient checkpointing. pairs/s = batch / the median wall time of --iters steps after
---warmup steps (the last step, where l2jax saves its checkpoint, not counted); l2jax tokenises its batches
-inside the loop, TRL's are pre-tokenised. Each side runs in its own child process.
+Per step, both sides: one forward/backward of --batch pairs (2 x batch rows) and one AdamW step (gradient
+clipping 1.0, constant lr), float32 on CPU, no gradient checkpointing. Padding (--pad): "batch" (default, each
+side's own default) pads a batch to its longest row: l2jax to the power-of-two bucket of it (the reward stage's
+PairBatches(buckets=True): a few shapes to compile), TRL to the longest row itself (its collator);
+"full" pads every row to exactly --seq on both sides (TRL pad_to_multiple_of = --seq). pairs/s = batch / the
+median wall time of --iters steps after --warmup steps (the last step, where l2jax saves its checkpoint, not
+counted, nor on l2jax's side a step that met a new bucket width: it compiles); l2jax tokenises its batches
+inside the loop, TRL's are pre-tokenised. Each side runs in its own child process, --repeats times interleaved
+(l2jax, TRL, l2jax, ...): the table gives the median over runs (min-max in brackets), and the ratio is flagged
+NOT A RESULT when the 1-minute load average reached the core count around any run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -31,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ppo import (ROOT, TOKENIZER, child, child_main, hf_models, l2jax_models, load_avg,  # noqa: E402
-                       steady, trl_available)
+from bench_ppo import (ROOT, TOKENIZER, _median_spread, child, child_main, hf_models, l2jax_models,  # noqa: E402
+                       quiet, steady, trl_available)
 
 
 def _reward_config(spec: dict, init_dir: Path):
@@ -44,6 +50,7 @@ def _reward_config(spec: dict, init_dir: Path):
                        data=c.Preferences(sources=tuple(spec["pairs"]), heldout_fraction=0.0,
                                           tokenizer=str(ROOT / spec["tokenizer"]), skip_bad=True),
                        margin=spec["margin"], seq_len=spec["seq"], global_batch=spec["batch"], steps=n,
+                       buckets=spec.get("pad", "batch") == "batch",
                        warmup_fraction=0.0, optim=c.AdamW(lr=1e-5, warmup_steps=0, schedule="constant"),
                        ckpt=c.Checkpointing(every=n, keep=1), log_every=1, eval_every=0, tensorboard=False,
                        seed=spec.get("seed", 0))
@@ -87,13 +94,13 @@ def run_l2jax(spec: dict) -> dict:
     train.compile_step = inner
   total = time.perf_counter() - t0
   w, k = spec["warmup"], spec["iters"]
-  it_s = steady([b - a for a, b in zip(starts, starts[1:])], w, k)
   pairs, _, _ = reward.load_preferences(cfg.data, cfg.seed)
   batches = prefs.PairBatches(pairs, Tokenizer(pol_dir / "tokenizer.model"), seq_len=cfg.seq_len,
-                              global_batch=cfg.global_batch, seed=cfg.seed)
-  table, out, real = MARGINS[cfg.margin], [], []
+                              global_batch=cfg.global_batch, seed=cfg.seed, buckets=cfg.buckets)
+  table, out, real, widths = MARGINS[cfg.margin], [], [], []
   for _ in range(cfg.steps):
     b = next(batches)
+    widths.append(int(b["tokens"].shape[-1]))
     for i in range(cfg.global_batch):
       (c_ids, r_ids), (c_m, r_m) = b["tokens"][i], b["mask"][i]
       rating = int(b["rating"][i])
@@ -101,7 +108,12 @@ def run_l2jax(spec: dict) -> dict:
                   "margin": float(table[rating]) if rating >= 0 else 0.0})
       real.append(int(c_m.sum() + r_m.sum()))
   (work / "pairs.json").write_text(json.dumps(out))
+  steps_s = [b - a for a, b in zip(starts, starts[1:])]
+  steady(steps_s, w, k)   # enough steps ran
+  keep = [i for i in range(w, w + k) if widths[i] in widths[:i]] or list(range(w, w + k))   # no compiling step
+  it_s = [steps_s[i] for i in keep]
   return {"impl": f"l2jax (JAX {jax.__version__}, stages.reward)", "s_per_step": statistics.median(it_s),
+          "widths": widths, "timed_steps": [i + 1 for i in keep],
           "pairs_per_s": spec["batch"] / statistics.median(it_s), "first_step_s": starts[1] - starts[0],
           "step_s": it_s, "total_s": total, "train_pairs": len(pairs),
           "mean_real_tokens_per_row": float(np.mean(real)) / 2,
@@ -126,7 +138,8 @@ def run_trl(spec: dict) -> dict:
   args = trl.RewardConfig(output_dir=str(work / "trl_reward_out"), per_device_train_batch_size=spec["batch"],
                           gradient_accumulation_steps=1, max_steps=n, learning_rate=1e-5, lr_scheduler_type="constant",
                           warmup_steps=0, weight_decay=0.1, adam_beta2=0.95, adam_epsilon=1e-5, max_grad_norm=1.0,
-                          max_length=spec["seq"], pad_to_multiple_of=spec["seq"], gradient_checkpointing=False,
+                          max_length=spec["seq"], gradient_checkpointing=False,
+                          pad_to_multiple_of=spec["seq"] if spec.get("pad") == "full" else None,
                           bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
                           disable_tqdm=True, dataloader_num_workers=0, seed=spec.get("seed", 0), eval_strategy="no")
   starts: list[float] = []
@@ -160,45 +173,59 @@ def _args(argv):
   p.add_argument("--workdir", help="models, pairs and logs (default: a temp dir, removed)")
   p.add_argument("--skip-trl", action="store_true", help="time l2jax only")
   p.add_argument("--json", help="also write the results to this JSON file")
+  p.add_argument("--repeats", type=int, default=3, help="interleaved runs per side (l2jax, TRL, l2jax, ...)")
+  p.add_argument("--pad", default="batch", choices=("batch", "full"),
+                 help="batch: each side pads a batch to its longest row (l2jax: to its bucket); full: to --seq")
   a = p.parse_args(argv)
   a.pairs = a.pairs or ["hh:data/hh-rlhf/helpful-base-test.jsonl.gz", "oasst:data/oasst/en_100_tree.jsonl"]
   return a
 
 
-def table(rows: list[dict]) -> str:
+def table(runs: dict[str, list[dict]]) -> str:
   out = ["| impl | s / step | pairs/s |", "|---|---:|---:|"]
-  out += [f"| {r['impl']} | {r['s_per_step']:.3f} | {r['pairs_per_s']:.1f} |" for r in rows]
+  for rows in runs.values():
+    out.append(f"| {rows[0]['impl']} | {_median_spread([r['s_per_step'] for r in rows])} | "
+               f"{statistics.median(r['pairs_per_s'] for r in rows):.1f} |")
   return "\n".join(out)
 
 
 def run(argv: list[str]) -> dict:
   a = _args(argv)
   spec = {"preset": a.preset, "batch": a.batch, "seq": a.seq, "pairs": a.pairs, "margin": a.margin,
-          "iters": a.iters, "warmup": a.warmup, "tokenizer": a.tokenizer}
+          "iters": a.iters, "warmup": a.warmup, "tokenizer": a.tokenizer, "pad": a.pad}
   tmp = None if a.workdir else tempfile.mkdtemp(prefix="bench_reward_")
   spec["work"] = str(Path(a.workdir or tmp).resolve())
   Path(spec["work"]).mkdir(parents=True, exist_ok=True)
   peer = not a.skip_trl and trl_available()
-  load0 = load_avg()
+  sides = ["l2jax"] + (["trl"] if peer else [])
+  runs: dict[str, list[dict]] = {s: [] for s in sides}
+  loads = [os.getloadavg()[0]]
   try:
     if peer:
       child(__file__, "hf_models", spec)
-    rows = [child(__file__, "l2jax", spec)]
-    if peer:
-      rows.append(child(__file__, "trl", spec))
+    for _ in range(a.repeats):   # interleaved: l2jax, TRL, l2jax, TRL, ...
+      for side in sides:
+        runs[side].append(child(__file__, side, spec))
+        loads.append(os.getloadavg()[0])
   finally:
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)
-  print(f"reward {a.preset}: {a.batch} pairs x 2 rows x {a.seq} tokens (mean {rows[0]['mean_real_tokens_per_row']:.0f} "
-        f"real), margin {a.margin} ({100 * rows[0]['rated_share']:.0f}% of pairs with m > 0); median of {a.iters} "
-        f"steps after {a.warmup}; load average {load0} -> {load_avg()}")
+  cores, first = os.cpu_count() or 1, runs["l2jax"][0]
+  print(f"reward {a.preset}: {a.batch} pairs x 2 rows, rows <= {a.seq} tokens (mean "
+        f"{first['mean_real_tokens_per_row']:.0f} real; padding '{a.pad}', l2jax widths "
+        f"{sorted(set(first['widths']))}), margin {a.margin} ({100 * first['rated_share']:.0f}% of pairs with "
+        f"m > 0); per run the median of {a.iters} steps after {a.warmup}; {a.repeats} interleaved run(s) per side; "
+        f"1-min load average {' -> '.join(f'{x:.2f}' for x in loads)} on {cores} cores")
   if not peer and not a.skip_trl:
     print("  TRL not installed (pip install -e '.[bench]'); l2jax only")
-  print(table(rows))
-  results = {"spec": {k: v for k, v in spec.items() if k != "work"}, "rows": rows}
-  if len(rows) == 2:
-    results["speedup"] = rows[0]["pairs_per_s"] / rows[1]["pairs_per_s"]
-    print(f"l2jax vs TRL: {results['speedup']:.2f}x the pairs/s")
+  print(table(runs))
+  results = {"spec": {k: v for k, v in spec.items() if k != "work"}, "runs": runs, "loads": loads, "cores": cores,
+             "quiet": quiet(loads, cores)}
+  if peer:
+    med = lambda side: statistics.median(r["pairs_per_s"] for r in runs[side])
+    results["speedup"] = med("l2jax") / med("trl")
+    flag = "" if results["quiet"] else f"  [NOT A RESULT: the load average reached {max(loads):.2f} on {cores} cores]"
+    print(f"l2jax vs TRL: {results['speedup']:.2f}x the pairs/s{flag}")
   if a.json:
     Path(a.json).write_text(json.dumps(results, indent=2))
   return results

@@ -61,7 +61,8 @@ class RewardModel:
   objective: "helpfulness" or "safety" (recorded in head.json). model: the architecture (taken from `init` when
   set). init: an l2jax chat / SFT checkpoint directory for the backbone ("" = random); the head starts fresh.
   margin: "none", "small" or "large" (Table 27). seq_len: tokens per row (a pair is two rows; longer rows keep
-  BOS and their last tokens). global_batch: pairs per step (512 in the paper, 1024 rows). micro_batch: pairs
+  BOS and their last tokens); buckets: a batch is padded to the power-of-two bucket of its longest row, at most
+  seq_len (false: every batch to seq_len; the losses are the same). global_batch: pairs per step (512 in the paper, 1024 rows). micro_batch: pairs
   per accumulation step (0 = none). epochs: passes over the training mixture (1 in the paper); steps: 0 =
   ceil(epochs * pairs / global_batch). warmup_fraction, min_warmup: warmup = max(min_warmup,
   ceil(warmup_fraction * steps)) (3% with a minimum of 5 in the paper); warmup_fraction 0 keeps
@@ -77,6 +78,7 @@ class RewardModel:
   margin: str = "small"
   optim: AdamW = AdamW(lr=1e-5, warmup_steps=5, decay_to=0.1)
   seq_len: int = 4096
+  buckets: bool = True
   global_batch: int = 512
   micro_batch: int = 0
   epochs: float = 1.0

@@ -245,7 +245,7 @@ def run(cfg: c.RewardModel, run_dir: Path, check_sharding: bool = False):
   loss_fn = pair_loss_fn(setup.graphdef, cfg.margin)
   batches = prefs.PairBatches(pairs, setup.tokenizer, seq_len=cfg.seq_len, global_batch=cfg.global_batch,
                               seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-                              buckets=True)   # padded to the batch's longest row (a few power-of-two shapes)
+                              buckets=cfg.buckets)   # padded to the batch's longest row's bucket
   if check_sharding:
     return sharding_report(cfg, setup, loss_fn, batches)
   hooks = ()
