@@ -294,13 +294,21 @@ class _OrbaxRecords:
 
 
 class _OrbaxTaskErrors:
-  """logging filter for asyncio: drops "Task exception was never retrieved" of Orbax's own restore tasks (a restore
-  that failed on a corrupt checkpoint leaves its sibling tasks' errors unread; the fallback reports it in one line)."""
+  """logging filter for asyncio: drops "Task exception was never retrieved" of Orbax's own tasks (a restore that
+  failed on a corrupt checkpoint, or a save that hit a full disk, leaves its sibling tasks' errors unread; the
+  caller reports the failure in one line)."""
   _l2jax = True
 
   def filter(self, record) -> bool:
     msg = record.getMessage()
-    return not ("Task exception was never retrieved" in msg and f"{os.sep}orbax{os.sep}" in msg)
+    if "Task exception was never retrieved" not in msg:
+      return True
+    where = msg
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:   # the coroutine's repr names its file only sometimes; its traceback always does
+      where += tb.tb_frame.f_code.co_filename
+      tb = tb.tb_next
+    return f"{os.sep}orbax{os.sep}" not in where
 
 
 class RunMismatch(ValueError):

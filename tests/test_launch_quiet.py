@@ -75,6 +75,27 @@ def test_a_full_disk_is_one_line_error(tmp_path):
   assert len(errors) == 1 and "writing checkpoint" in errors[0] and "File too large" in errors[0], p.stderr[-3000:]
 
 
+def test_orbax_tasks_unread_errors_are_dropped_whoever_names_the_file():
+  """asyncio's "Task exception was never retrieved" of an Orbax task is dropped whether the message or only the
+  exception's traceback names Orbax's file (a failed save's write tasks); other tasks' are kept."""
+  import logging
+  from l2jax.checkpoint import _OrbaxTaskErrors
+  keep = _OrbaxTaskErrors().filter
+  record = lambda msg, exc=None: logging.LogRecord("asyncio", logging.ERROR, "x", 1, msg, None, exc)
+  try:
+    exec(compile("raise OSError(27, 'File too large')", f"{os.sep}site{os.sep}orbax{os.sep}write.py", "exec"))
+  except OSError:
+    orbax_exc = sys.exc_info()
+  try:
+    raise OSError(27, "File too large")
+  except OSError:
+    own_exc = sys.exc_info()
+  never = "Task exception was never retrieved\nfuture: <Task finished name='Task-7' coro=<write()>>"
+  assert not keep(record(never, orbax_exc))
+  assert not keep(record(never + f" defined at {os.sep}x{os.sep}orbax{os.sep}a.py"))
+  assert keep(record(never, own_exc)) and keep(record("another message", orbax_exc))
+
+
 TWICE = textwrap.dedent("""
     import atexit, os, signal, sys, time
     from l2jax import launch as L
