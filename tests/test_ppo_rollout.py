@@ -170,6 +170,25 @@ def test_response_window_logprobs_equal_the_full_sequence_ones(models, temperatu
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
+def test_a_wider_prompt_bucket_scores_the_same_rollout(models):
+  """prompt_buckets: the same prompts padded to another width give the same rollout within float rounding
+  (rows are [prompt | response | padding]; causal attention never reads the trailing padding)."""
+  out, eos, r, batch = _rollout(models, 1.0)
+  graphdef, params, v_graphdef, v_params = models
+  wide = {**batch, "prompt_tokens": jnp.pad(batch["prompt_tokens"], ((0, 0), (0, 7)), constant_values=PAD)}
+  score = ro.make_score(graphdef, graphdef, v_graphdef, _rule, eos_id=eos, pad_id=PAD, kl_beta=0.1, gamma=1.0,
+                        lam=0.95, threshold=0.15, missing_eos_penalty=PENALTY, whiten_advantages=True)
+  w = jax.jit(score)({"policy": params, "value": v_params}, {"ref": params}, wide,
+                     ro.Responses(jnp.asarray(out.tokens), jnp.asarray(out.lengths)))
+  T = r.tokens.shape[1]
+  assert w.tokens.shape[1] == T + 7 and np.all(np.asarray(w.tokens)[:, T:] == PAD)
+  np.testing.assert_array_equal(np.asarray(w.mask)[:, :T], np.asarray(r.mask))
+  for f in ("logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
+    np.testing.assert_allclose(np.asarray(getattr(w, f))[:, :T], np.asarray(getattr(r, f)), rtol=1e-5, atol=1e-5)
+  for f in ("score", "whitened", "entropy"):
+    np.testing.assert_allclose(np.asarray(getattr(w, f)), np.asarray(getattr(r, f)), rtol=1e-5, atol=1e-6)
+
+
 def test_a_prompt_twice_in_one_batch_gets_two_samples(models):
   """An epoch boundary can put one prompt twice in a batch: same prompt index, different rows."""
   graphdef, params = models[:2]
