@@ -17,11 +17,10 @@ prompt's 8 rows, so generation, scoring and training hold PPO's rows (DeepSeekMa
 keeps 64 distinct prompts per iteration).
 
 `tiny`: ppo.py:tiny's chain and settings (lr 3e-5) with 4 prompts x 4 samples (PPO's 16 rows) and mini-batches
-of 2 prompts (8 rows, 2 steps per iteration as PPO); 60 iterations on 2 CPU cores, about 4 minutes after the chain.
-Measured once (shared machine): held-out Rc -0.911 at iteration 0 -> -0.686 at iteration 10 (final/, the best
-evaluation) with a KL of 0.23 nats per response; later evaluations stay near -0.78 while the KL grows to 1.4
-(ppo.py:tiny: -0.610 at a KL of 2.27). An iteration took 2.27 s against PPO's 2.60 s, interleaved in one
-process (no value model to score or train). `test`: ppo.py:test's chain with 4 prompts x 2 samples (CI).
+of 2 prompts (8 rows, 2 steps per iteration as PPO); 60 iterations on 2 CPU cores, about a minute after the
+chain. Measured once (shared machine): held-out Rc -0.911 at iteration 0 -> -0.726 at iteration 10 (KL 0.24)
+-> -0.636 at iteration 60 (final/, the best evaluation) with a KL of 5.1 nats per response (ppo.py:tiny: -0.629
+at a KL of 2.91). `test`: ppo.py:test's chain with 4 prompts x 2 samples (CI).
 """
 import dataclasses
 from pathlib import Path

@@ -19,10 +19,9 @@ prompt's 8 rows, PPO's rows in every phase (Ahmadian et al. use k = 2 and 4; 8 i
 the two compare on equal rollouts; `--set group_size=4 --set batch_prompts=128 --set minibatch=16` for theirs).
 
 `tiny`: ppo.py:tiny's chain and settings (lr 3e-5, beta 0.05) with 4 prompts x 4 samples (PPO's 16 rows) and
-mini-batches of 2 prompts (8 rows, 2 steps per iteration as PPO); 60 iterations on 2 CPU cores, about 4 minutes
-after the chain. Measured once (shared machine): held-out Rc -0.911 at iteration 0 -> -0.690 at iteration 40
-(final/, the best evaluation) with a KL of 0.67 nats per response (ppo.py:tiny: -0.610 at a KL of 2.27). An
-iteration took 2.19 s against PPO's 2.60 s, interleaved in one process (no value model to score or train).
+mini-batches of 2 prompts (8 rows, 2 steps per iteration as PPO); 60 iterations on 2 CPU cores, under a minute
+after the chain. Measured once (shared machine): held-out Rc -0.911 at iteration 0 -> -0.675 at iteration 50
+(final/, the best evaluation) with a KL of 0.84 nats per response (ppo.py:tiny: -0.629 at a KL of 2.91).
 `test`: ppo.py:test's chain with 4 prompts x 2 samples (CI).
 """
 import dataclasses
