@@ -5,13 +5,16 @@ and the peak RSS of converting a synthetic ~1B-parameter HF safetensors checkpoi
   python tools/bench.py forward [--preset tinyllama-1.1b] [--batch 4] [--seq 512] [--iters 10]
   python tools/bench_forward.py --rss-only            # just the converter memory figure
 Both models get the same random-weight config in the same compute dtype; each is warmed up (compile /
-first call) and then timed over `--iters` full forward passes (all logits), synchronised on the device.
+first call) and then timed over `--iters` full forward passes (all logits), synchronised on the device, in
+`--repeats` interleaved rounds (l2jax, HF, l2jax, ...); the medians give the ratio, flagged when the load
+average reached the core count on a CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,7 @@ def _args(argv):
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (l2jax, HF, l2jax, HF, ...)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
                  help="compute and parameter dtype of both models")
   p.add_argument("--skip-hf", action="store_true", help="time l2jax only")
@@ -207,21 +211,37 @@ def run(argv: list[str]) -> dict:
     from l2jax.model import presets
     preset = a.preset or ("tinyllama-1.1b" if jax.default_backend() != "cpu" else "tiny")
     cfg = presets.get(preset, dtype=a.dtype, param_dtype=a.dtype, remat="none")
-    print(f"forward (prefill) {preset}: batch {a.batch} x seq {a.seq}, {a.dtype}, {a.iters} timed passes")
-    rows = [bench_l2jax(cfg, a.batch, a.seq, a.iters)]
-    if not a.skip_hf:
-      try:
-        rows.append(bench_hf(cfg, a.batch, a.seq, a.iters))
-      except ImportError as e:
-        print(f"  HF transformers not available ({e}); skipping the peer")
-    for r in rows:
-      print(f"  {r['impl']:<58} {r['device']:<24} {r['tokens_per_s']:>12,.0f} tok/s  "
-            f"{r['ms_per_pass']:9.2f} ms/pass  (first call {r['first_call_s']:.1f} s)")
+    print(f"forward (prefill) {preset}: batch {a.batch} x seq {a.seq}, {a.dtype}, {a.iters} timed passes per "
+          f"round, {a.repeats} interleaved round(s) per side")
+    sides: dict[str, list[dict]] = {"l2jax": [], "hf": []}
+    loads = [os.getloadavg()[0]]
+    hf = not a.skip_hf
+    for _ in range(a.repeats):   # interleaved: l2jax, HF, l2jax, HF, ...
+      sides["l2jax"].append(bench_l2jax(cfg, a.batch, a.seq, a.iters))
+      if hf:
+        try:
+          sides["hf"].append(bench_hf(cfg, a.batch, a.seq, a.iters))
+        except ImportError as e:
+          print(f"  HF transformers not available ({e}); skipping the peer")
+          hf = False
+      loads.append(os.getloadavg()[0])
+    rows = []
+    for runs in (v for v in sides.values() if v):
+      tps = sorted(r["tokens_per_s"] for r in runs)
+      row = {**runs[len(runs) // 2], "tokens_per_s": statistics.median(tps), "tokens_per_s_range": [tps[0], tps[-1]]}
+      row["ms_per_pass"] = 1e3 * a.batch * a.seq / row["tokens_per_s"]
+      rows.append(row)
+      print(f"  {row['impl']:<58} {row['device']:<24} {row['tokens_per_s']:>12,.0f} tok/s ({tps[0]:,.0f}-{tps[-1]:,.0f})"
+            f"  {row['ms_per_pass']:9.2f} ms/pass  (first call {runs[0]['first_call_s']:.1f} s)")
+    cores = os.cpu_count() or 1
+    print(f"  1-min load average {' -> '.join(f'{x:.2f}' for x in loads)} on {cores} cores")
     if len(rows) == 2:
       ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-      print(f"  ratio l2jax / HF: {ratio:.2f}x")
+      flag = "" if max(loads) < cores or jax.default_backend() != "cpu" else "  [NOT A RESULT: load >= cores]"
+      print(f"  ratio l2jax / HF: {ratio:.2f}x (medians){flag}")
       results["ratio_l2jax_over_hf"] = ratio
-    results["forward"] = {"preset": preset, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "rows": rows}
+    results["forward"] = {"preset": preset, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "rows": rows,
+                          "loads": loads}
   if not a.skip_rss:
     r = bench_convert_rss(a.rss_preset, a.rss_dtype, a.rss_shard_size, a.workdir)
     print(f"hf_to_l2jax peak RSS: {r['peak_rss_bytes'] / 2**30:.2f} GiB converting a synthetic {r['preset']} "
