@@ -7,6 +7,8 @@
   python tools/bench.py reward  --preset P --batch B --seq S     (vs TRL RewardTrainer, margin column)
   python tools/bench.py gold    --run RUN_DIR [--proxy N] [--iters K] (vs TRL PPOTrainer: gold reward at
                                 matched KL and per minute on experiments/overoptimization.py's run)
+  python tools/bench.py grpo    --run RUN_DIR [--trl-python PY] [--repeats R] (vs TRL GRPOTrainer, newest TRL in
+                                its own venv: time per iteration and gold at matched KL on the same run)
 
 Each prints a small table with both figures and their ratio (and MFU / the hardware floor on a GPU).
 """
@@ -20,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 COMMANDS = {"train": "bench_train", "forward": "bench_forward", "decode": "bench_decode", "ppo": "bench_ppo",
-            "reward": "bench_reward", "gold": "bench_gold"}
+            "reward": "bench_reward", "gold": "bench_gold",
+            "grpo": "bench_grpo"}
 
 
 def main(argv: list[str]) -> int:

@@ -166,13 +166,13 @@ def table(sides: dict, cmp: dict, summary: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- budget
 
-def ppo_sets(ov, run: Path, proxy: int) -> list[str]:
-  """The overrides the benchmark stage launches PPO against proxy N with (`rl` in
-  l2jax/stages/overoptimization.py, method "ppo"), then the config's own ppo_sets."""
+def ppo_sets(ov, run: Path, proxy: int, method: str = "ppo") -> list[str]:
+  """The overrides the benchmark stage launches PPO (method "ppo"; "grpo" / "rloo": the PPO stage with that
+  estimator) against proxy N with (`rl` in l2jax/stages/overoptimization.py), then the config's own <method>_sets."""
   base, rm_dir = run / "base", run / f"proxy-{proxy}" / "final"
-  return [f"name={ov.name}-ppo-{proxy}", f"policy={base}", f"reward_models.helpful={rm_dir}",
+  return [f"name={ov.name}-{method}-{proxy}", f"policy={base}", f"reward_models.helpful={rm_dir}",
           f"reward_models.safety={rm_dir}", f"prompts.sources={json.dumps([f'jsonl:{run}/prompts/train.jsonl'])}",
-          "snapshots=true", *ov.ppo_sets]
+          "snapshots=true", *getattr(ov, f"{method}_sets")]
 
 
 STAGE_SET = ("name", "policy", "reward_models.helpful", "reward_models.safety", "prompts.sources", "snapshots")
@@ -199,10 +199,11 @@ def recorded_sets(now: dict, recorded: dict, skip: tuple = ()) -> list[str]:
   return out
 
 
-def load_budget(run: Path, proxy: int | None, iters: int | None, seed: int | None = None):
-  """(benchmark config, proxy N, PPO variant spec, its sets, PPO config) of RUN_DIR. Where the stage's own run
-  RUN_DIR/ppo-N recorded a config that the experiment file no longer gives, its values are set (the sets end
-  with them), so that both sides get the budget that run had."""
+def load_budget(run: Path, proxy: int | None, iters: int | None, seed: int | None = None, method: str = "ppo"):
+  """(benchmark config, proxy N, PPO variant spec, its sets, PPO config) of RUN_DIR for `method` (ppo, grpo,
+  rloo: the variant the stage launches for it). Where the stage's own run RUN_DIR/<method>-N recorded a config
+  that the experiment file no longer gives, its values are set (the sets end with them), so that both sides get
+  the budget that run had."""
   from l2jax import config as c
   from l2jax.experiment_refs import load_config
   path = run / "config.json"
@@ -220,11 +221,11 @@ def load_budget(run: Path, proxy: int | None, iters: int | None, seed: int | Non
                run / "prompts" / "report.jsonl"):
     if not need.is_file():
       raise FileNotFoundError(f"{need}: missing; run the benchmark through its proxies first")
-  spec = f"{EXPERIMENT}:{ov.ppo}"
+  spec = f"{EXPERIMENT}:{getattr(ov, method)}"
   given = {"iterations": iters, "seed": seed}
-  sets = ppo_sets(ov, run.resolve(), proxy) + [f"{k}={v}" for k, v in given.items() if v is not None]
+  sets = ppo_sets(ov, run.resolve(), proxy, method) + [f"{k}={v}" for k, v in given.items() if v is not None]
   cfg = load_config(spec, sets)
-  recorded = run / f"ppo-{proxy}" / "config.json"
+  recorded = run / f"{method}-{proxy}" / "config.json"
   if recorded.is_file():
     more = recorded_sets(c.to_dict(cfg), json.loads(recorded.read_text()),
                          tuple(k for k, v in given.items() if v is not None))
@@ -308,11 +309,12 @@ def hf_reward_model(hf_dir, head: dict | None = None):
 
 def hf_scores(model, rows: list[list[int]], pad_id: int) -> np.ndarray:
   """(torch) float64 [R]: the score at each row's last token as TRL's get_reward computes it (rows left-padded,
-  attention mask = not pad, positions counted over the mask, `model.score` on the last hidden state)."""
+  positions counted over the mask, `model.score` on the last hidden state), the attention mask each row's own
+  tokens (as l2jax's: a sampled token equal to the pad id stays in; TRL's get_reward masks `!= pad`)."""
   import torch
   T = max(map(len, rows))
   x = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows], dtype=torch.long)
-  mask = x != pad_id
+  mask = torch.arange(T)[None, :] >= torch.tensor([T - len(r) for r in rows])[:, None]
   pos = mask.cumsum(1) - mask.long()
   with torch.no_grad():
     h = getattr(model, model.base_model_prefix)(input_ids=x.masked_fill(~mask, 0), attention_mask=mask,
@@ -371,7 +373,7 @@ def run_l2jax(spec: dict) -> dict:
   from l2jax import launch
   from l2jax.stages.overoptimization import _ppo_wall
   work = Path(spec["work"])
-  d = work / "l2jax_ppo"
+  d = work / spec.get("l2jax_dir", "l2jax_ppo")
   shutil.rmtree(d, ignore_errors=True)
   t0 = time.perf_counter()
   launch.launch(spec["ppo_spec"], spec["sets"], d)
@@ -424,6 +426,46 @@ def _trl_optimizer(policy, value_model, b: dict, vf_coef: float):
   return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def iteration_clock(snaps: Path, steps_per_iter: int, every: int, n_iter: int, save, log_row):
+  """(torch) A transformers TrainerCallback that times each iteration of `steps_per_iter` optimiser steps (wall
+  time from the end of the previous one; the saves not timed) and saves the policy, `save(trainer, dir)`, into
+  snaps/<iteration> (emptied first) every `every` iterations and at the last, n_iter; `log_row(state, logs)` turns
+  a log into a row of .train_log (None: no row). Set .trainer once the trainer exists; .iter_s, .save_s and
+  .wall_s() (training seconds up to each iteration) after training."""
+  import transformers
+  shutil.rmtree(snaps, ignore_errors=True)
+  snaps.mkdir()
+
+  class Clock(transformers.TrainerCallback):
+    def __init__(self):
+      self.trainer, self.marks, self.iter_s, self.save_s, self.train_log = None, [], [], [], []
+
+    def on_train_begin(self, *a, **k):
+      self.marks.append(time.perf_counter())
+
+    def on_log(self, args_, state, control, logs=None, **k):
+      row = log_row(state, logs or {})
+      if row is not None:
+        self.train_log.append(row)
+
+    def on_step_end(self, args_, state, control, **k):
+      if state.global_step % steps_per_iter:
+        return
+      t = time.perf_counter()
+      self.iter_s.append(t - self.marks[-1])
+      it = state.global_step // steps_per_iter
+      if (every and it % every == 0) or it == n_iter:
+        save(self.trainer, snaps / f"{it:06d}")
+      t2 = time.perf_counter()
+      self.save_s.append(t2 - t)
+      self.marks.append(t2)
+
+    def wall_s(self) -> dict:
+      return {str(i): float(x) for i, x in enumerate(np.cumsum([0.0, *self.iter_s]))}
+
+  return Clock()
+
+
 def run_trl(spec: dict) -> dict:
   """(torch child) The exported proxy checked against l2jax's scores, then TRL's PPOTrainer on the same budget;
   the policy saved every eval_every iterations (HF dirs trl_snapshots/<iteration>), saves not timed."""
@@ -468,35 +510,13 @@ def run_trl(spec: dict) -> dict:
                    report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=b["seed"],
                    dataloader_num_workers=0)
   optimizers = _trl_optimizer(policy, value, b, args.vf_coef)
-  every, n_iter = b["eval_every"], b["iterations"]
+  n_iter = b["iterations"]
   snaps = work / "trl_snapshots"
-  shutil.rmtree(snaps, ignore_errors=True)
-  snaps.mkdir()
-  marks: list[float] = []
-  iter_s: list[float] = []
-  save_s: list[float] = []
-  train_log: list[dict] = []
-
-  class Clock(transformers.TrainerCallback):
-    trainer = None
-
-    def on_train_begin(self, *a, **k):
-      marks.append(time.perf_counter())
-
-    def on_log(self, args_, state, control, logs=None, **k):
-      if logs and "objective/kl" in logs:
-        train_log.append({"step": state.global_step, "kl": logs["objective/kl"], "score": logs["objective/scores"]})
-
-    def on_step_end(self, args_, state, control, **k):
-      t = time.perf_counter()
-      iter_s.append(t - marks[-1])
-      step = state.global_step
-      if (every and step % every == 0) or step == n_iter:
-        self.trainer.accelerator.unwrap_model(self.trainer.model).policy.save_pretrained(snaps / f"{step:06d}")
-      t2 = time.perf_counter()
-      save_s.append(t2 - t)
-      marks.append(t2)
-
+  clock = iteration_clock(
+      snaps, 1, b["eval_every"], n_iter,
+      lambda trainer, d: trainer.accelerator.unwrap_model(trainer.model).policy.save_pretrained(d),
+      lambda state, logs: ({"step": state.global_step, "kl": logs["objective/kl"], "score": logs["objective/scores"]}
+                           if "objective/kl" in logs else None))
   if spec.get("trl_whiten_score"):
     inner = trl_ppo.get_reward
 
@@ -517,7 +537,6 @@ def run_trl(spec: dict) -> dict:
     return out
   trl_ppo.batch_generation = timed_generation
   rm_ppo = hf_reward_model(work / "hf_rm_lm")
-  clock = Clock()
   trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm_ppo,
                        train_dataset=datasets.Dataset.from_dict({"input_ids": ids}), value_model=value,
                        callbacks=[clock], optimizers=optimizers)
@@ -525,14 +544,12 @@ def run_trl(spec: dict) -> dict:
   t0 = time.perf_counter()
   trainer.train()
   total = time.perf_counter() - t0
+  iter_s, train_log = clock.iter_s, clock.train_log
   if len(iter_s) != n_iter:
     raise RuntimeError(f"TRL ran {len(iter_s)} iterations; expected {n_iter}")
-  wall, acc = {"0": 0.0}, 0.0
-  for i, s in enumerate(iter_s, 1):
-    acc += s
-    wall[str(i)] = acc
   return {"impl": f"TRL {trl.__version__} PPOTrainer (torch {torch.__version__}, transformers "
-                  f"{transformers.__version__})", "wall_s": wall, "iter_s": iter_s, "save_s": sum(save_s),
+                  f"{transformers.__version__})", "wall_s": clock.wall_s(), "iter_s": iter_s,
+          "save_s": sum(clock.save_s),
           "phase_s": {"generate": statistics.median(gen_s[1:] or gen_s),
                       "score + train": statistics.median([t - g for t, g in zip(iter_s, gen_s)][1:] or iter_s)},
           "process_s": total, "rm_check_err": err, "rm_check_rows": len(check["rows"]),
@@ -597,6 +614,23 @@ def side_curve(result: dict, measured: dict) -> dict:
           "proxy": [measured[k]["proxy"] for k in keys], "minutes": [wall[int(k)] / 60 for k in keys],
           "s_per_iter": statistics.median(iter_s[1:] or iter_s), "first_iter_s": iter_s[0],
           "train_s": sum(iter_s)}
+
+
+def stage_checks(stage_gold: Path, ms: dict, same_run: bool) -> float | None:
+  """Print the l2jax rerun against the stage's own measurements (stage_gold, when the rerun is that run:
+  `same_run`) and the HF round trip of the base; returns the largest |gold difference| over common snapshots."""
+  repro = None
+  if stage_gold.is_file() and same_run:   # the stage ran this config: the rerun reproduces it
+    old = json.loads(stage_gold.read_text())
+    common = sorted(set(old) & set(ms["l2jax"]))
+    if common:
+      repro = max(abs(old[k]["gold"] - ms["l2jax"][k]["gold"]) for k in common)
+      print(f"l2jax rerun vs the stage's {stage_gold}: max |gold difference| {repro:.4f} over {len(common)} snapshots")
+  trl0, l20 = ms["trl"].get("000000"), ms["l2jax"].get("000000")
+  if trl0 and l20:
+    print(f"round trip: the base through HF and back measures gold {trl0['gold']:.4f}, KL {trl0['kl']:.2e} "
+          f"(l2jax's iteration 0: {l20['gold']:.4f})")
+  return repro
 
 
 def _args(argv):
@@ -691,18 +725,7 @@ def report(a, run_dir, ov, proxy, ppo_spec, sets, pcfg, budget, loads, prep, l2,
   total_ratio = sides["l2jax"]["train_s"] / sides["trl"]["train_s"]
   print(f"l2jax / TRL training time, all {b['iterations']} iterations (l2jax's compilation in its first): "
         f"{total_ratio:.2f}")
-  stage = run_dir / f"ppo-{proxy}" / "gold.json"
-  repro = None
-  if stage.is_file() and a.iters is None and a.seed is None:   # the stage ran this PPO: the rerun reproduces it
-    old = json.loads(stage.read_text())
-    common = sorted(set(old) & set(ms["l2jax"]))
-    if common:
-      repro = max(abs(old[k]["gold"] - ms["l2jax"][k]["gold"]) for k in common)
-      print(f"l2jax rerun vs the stage's {stage}: max |gold difference| {repro:.4f} over {len(common)} snapshots")
-  trl0, l20 = ms["trl"].get("000000"), ms["l2jax"].get("000000")
-  if trl0 and l20:
-    print(f"round trip: the base through HF and back measures gold {trl0['gold']:.4f}, KL {trl0['kl']:.2e} "
-          f"(l2jax's iteration 0: {l20['gold']:.4f})")
+  repro = stage_checks(run_dir / f"ppo-{proxy}" / "gold.json", ms, a.iters is None and a.seed is None)
   results = {"run": str(run_dir), "proxy": proxy, "ppo_spec": ppo_spec, "sets": sets, "budget": budget,
              "prepare": prep, "sides": sides, "matched": cmp, "summary": summary, "time_ratio": ratio,
              "train_time_ratio": total_ratio, "stage_rerun_max_gold_diff": repro,
