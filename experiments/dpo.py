@@ -13,7 +13,8 @@ Sizes ("paper-like": the DPO paper's Appendix B): beta 0.1, batch 64 pairs, lr 5
 RMSprop; 5e-7 with AdamW as Zephyr's DPO, Tunstall et al. 2023) after 150 warmup steps, then constant; one epoch of
 HH-RLHF helpful-base, helpful-online and helpful-rejection-sampled train pairs mixed half and half with
 harmless-base and OpenAssistant (place them as experiments/rm_helpful.py says), 1% of each file held out, the
-shipped HH test sets evaluated in full; rows of 4096 tokens in micro-batches of 8 pairs.
+shipped HH test sets evaluated in full; rows of 4096 tokens in micro-batches of 8 pairs (70B: 4, so that the step
+fits a v5p-64 slice: 84.6 GiB per chip where 8 pairs need 97.8; `--aot`, docs/tpu.md).
 `tiny` runs DPO on experiments/sft.py:tiny (run first when runs/sft-tiny/final is missing) with the data of
 rm_helpful.py:tiny: the shipped HH-RLHF helpful test pairs mixed half and half with the harmless test pairs and
 100 OASST trees, 20% of each file's conversations held out, rows of 128 tokens, one epoch of 58 steps of 32 pairs
@@ -65,5 +66,5 @@ def get_config(arg: str | None = None) -> c.DPO:
       beta=0.1, label_smoothing=0.0, margin="none",
       optim=c.AdamW(lr=5e-7, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.0, clip=1.0, warmup_steps=150,
                     schedule="constant"),
-      seq_len=4096, global_batch=64, micro_batch=8, epochs=1.0, log_every=10, eval_every=200, eval_batch=64,
+      seq_len=4096, global_batch=64, micro_batch=4 if size == "70b" else 8, epochs=1.0, log_every=10, eval_every=200, eval_batch=64,
       mesh=mesh, ckpt=c.Checkpointing(every=200, keep=2))
