@@ -16,6 +16,8 @@ stopped; a finished stage is never redone. At the end, every version is evaluate
 judges on the "report" half of the held-out prompts (runs/rlhf-<size>/eval: win rates, reward distributions,
 Self-BLEU, safety rates), multi-turn consistency (Table 30) is measured for V3 and every version from GAtt on, and
 runs/rlhf-<size>/report.md is written. The paper pooled from V3 on; we pool from V2 (`pool_from`).
+`--set final_stage=grpo` (or rloo) trains the last version with experiments/grpo.py (rloo.py) instead of PPO;
+`--set dpo=true` adds V5-DPO, experiments/dpo.py:<size> from V5-RS's checkpoint, evaluated with the others.
 
 `tiny`: the tiny stages (PPO shortened to 30 iterations), the evaluation on at most 64 + 64 held-out prompts (the
 "report" half holds fewer) and Self-BLEU at T = 0.1 ... 1.5 with 25 samples per prompt on the 10 + 10 shipped
