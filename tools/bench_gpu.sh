@@ -7,7 +7,7 @@ out=${1:-bench-results}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt" || true
 python tools/bench.py train --preset tinyllama-1.1b --seq 2048 --batch 8 --steps 10 --remat none 2>&1 | tee "$out/train.txt"
-python tools/bench.py forward --preset tinyllama-1.1b --seq 2048 --batch 8 --skip-rss 2>&1 | tee "$out/forward.txt"
+python tools/bench.py forward --preset tinyllama-1.1b --seq 2048 --batch 8 --repeats 2 --skip-rss 2>&1 | tee "$out/forward.txt"
 for b in 1 64; do
   python tools/bench.py decode --preset llama2-7b --batch "$b" --prompt-len 128 --new 128 2>&1 | tee "$out/decode-b$b.txt"
 done
