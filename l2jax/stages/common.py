@@ -141,6 +141,22 @@ def identity(cfg, model_cfg) -> dict:
           "model": {k: getattr(model_cfg, k) for k in ARCHITECTURE}}
 
 
+def restore_or_init(ck: ckpt_lib.TrainCheckpointer, abstract_state, setup: Setup, batches, init_state):
+  """(state, params or None): the newest checkpoint that restores (identity checked; falls back past those that do
+  not) with `batches` set to its data state, or else jit(init_state)(setup.init_params()) placed in the state's
+  shardings, returning the initial params too (DPO keeps them as its frozen reference)."""
+  st_sh = train.state_shardings(abstract_state, setup.param_axes, setup.mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, st_sh)
+  restored = ck.restore_latest(target)
+  if restored is not None:
+    latest, state, data_state = restored
+    batches.set_state(data_state)
+    print(f"resumed from {ck.dir}/{latest}", file=sys.stderr)
+    return state, None
+  params = setup.init_params()
+  return jax.jit(init_state, out_shardings=st_sh)(params), params
+
+
 def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, *, extra_identity=None,
            save_final=None, hooks=(), tokens_per_step: float | None = None, flops_per_token: float | None = None):
   """Shared by training stages: build or resume the state, run the loop, write run_dir/final when done.
@@ -161,16 +177,8 @@ def run_lm(cfg, run_dir: Path, setup: Setup, loss_fn, train_batches, eval_hook, 
   abstract_state = jax.eval_shape(lambda p: train.init_state(p, optimizer, cfg.seed), setup.abstract_params)
   ck = ckpt_lib.TrainCheckpointer(run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save,
                                identity={**identity(cfg, setup.model_cfg), **(extra_identity or {})})
-  st_sh = train.state_shardings(abstract_state, setup.param_axes, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, st_sh)
-  restored = ck.restore_latest(target)   # identity checked; falls back past checkpoints that do not restore
-  if restored is not None:
-    latest, state, data_state = restored
-    train_batches.set_state(data_state)
-    print(f"resumed from {ck.dir}/{latest}", file=sys.stderr)
-  else:
-    params = setup.init_params()
-    state = jax.jit(lambda p: train.init_state(p, optimizer, cfg.seed), out_shardings=st_sh)(params)
+  state, _ = restore_or_init(ck, abstract_state, setup, train_batches,
+                             lambda p: train.init_state(p, optimizer, cfg.seed))
   done_step = int(jax.device_get(state["step"]))
   if done_step >= cfg.steps:   # killed after its last checkpoint, before final/: nothing left to train
     result = train.RunResult(done_step, "done", state, {})

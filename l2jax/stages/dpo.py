@@ -53,7 +53,8 @@ from l2jax import sharding as shd
 from l2jax import train
 from l2jax.data import preferences as prefs
 from l2jax.losses import dpo_loss, rating_margin, sequence_logprob, token_nll
-from l2jax.stages.common import Setup, identity, micro_batches, model_setup, sharding_report, write_final
+from l2jax.stages.common import (Setup, identity, micro_batches, model_setup, restore_or_init, sharding_report,
+                                 write_final)
 from l2jax.stages.reward import load_preferences
 
 DPO_JSON = "dpo.json"
@@ -305,22 +306,13 @@ def run(cfg: c.DPO, run_dir: Path, check_sharding: bool = False):
   step_fn = make_dpo_step(setup.graphdef, optimizer, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                           margin=cfg.margin, micro_batches=micro, schedule=schedule)
   abstract_state = jax.eval_shape(lambda p: train.init_state(p, optimizer, cfg.seed), setup.abstract_params)
-  st_sh = train.state_shardings(abstract_state, setup.param_axes, mesh)
   ck = ckpt_lib.TrainCheckpointer(run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save,
                                   identity={**identity(cfg, model_cfg), "beta": cfg.beta,
                                             "label_smoothing": cfg.label_smoothing, "margin": cfg.margin})
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, st_sh)
-  restored = ck.restore_latest(target)   # identity checked; falls back past checkpoints that do not restore
-  ref_params = None
-  if restored is not None:
-    latest, state, data_state = restored
-    batches.set_state(data_state)
-    print(f"resumed from {ck.dir}/{latest}", file=sys.stderr)
-  else:
-    ref_params = setup.init_params()
-    # the policy starts as a copy of the reference: its buffers are donated by each step, the reference's never
-    state = jax.jit(lambda p: train.init_state(jax.tree.map(jnp.copy, p), optimizer, cfg.seed),
-                    out_shardings=st_sh)(ref_params)
+  # a fresh policy starts as a copy of the reference: its buffers are donated by each step, the reference's never
+  state, ref_params = restore_or_init(
+      ck, abstract_state, setup, batches,
+      lambda p: train.init_state(jax.tree.map(jnp.copy, p), optimizer, cfg.seed))
   if int(jax.device_get(state["step"])) >= steps:   # killed after its last checkpoint, before final/
     result = train.RunResult(steps, "done", state, {})
   else:
