@@ -166,7 +166,7 @@ def dpo_programs(cfg, mesh) -> list[Program]:
   logps = jax.jit(chunked_logps_fn(graphdef, chunks), in_shardings=(st_sh["params"], e_sh["tokens"],
                                                                      e_sh["answer_mask"]))
   out.append(Program("eval_logps", logps, (ref, e["tokens"], e["answer_mask"]), mesh, shd.TRAIN_RULES,
-                     f"{E} pairs in {chunks} chunk(s)", resident=chip_bytes(state)))   # the policy's state and reference
+                     f"{E} pairs in {chunks} chunk(s)", resident=chip_bytes(state)))   # the policy's trained state
   return out
 
 

@@ -33,7 +33,8 @@ KEY_FIELDS = ("name", "mode", "objective", "size", "init", "sampler", "policy", 
               "data.kind", "data.paths", "data.sources", "data.mix", "prompts.sources", "seq_len", "global_batch",
               "epochs", "steps", "iterations", "batch_prompts", "minibatch", "samples_per_prompt", "temperature",
               "max_new_tokens", "kl_beta", "optim.lr", "optim.schedule", "turns", "constraints.kinds",
-              "rs_versions", "gatt_after", "pool_from", "ppo", "final_stage", "dpo", "ppo_after_rs", "ppo_iterations", "rescale_temperature",
+              "rs_versions", "gatt_after", "pool_from", "ppo", "final_stage", "dpo", "ppo_after_rs", "ppo_iterations",
+              "rescale_temperature",
               "temperature_from", "judge_helpful", "judge_safety", "data.part", "eval.heldout_part", "base", "gold",
               "label_temperature", "pairs", "methods", "bon_n", "train_prompts", "report_prompts", "measure_samples")
 DOCS = {"overoptimization": "docs/overoptimization.md"}   # how to read a stage's report (default docs/rlhf.md)

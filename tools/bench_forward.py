@@ -231,7 +231,8 @@ def run(argv: list[str]) -> dict:
       row = {**runs[len(runs) // 2], "tokens_per_s": statistics.median(tps), "tokens_per_s_range": [tps[0], tps[-1]]}
       row["ms_per_pass"] = 1e3 * a.batch * a.seq / row["tokens_per_s"]
       rows.append(row)
-      print(f"  {row['impl']:<58} {row['device']:<24} {row['tokens_per_s']:>12,.0f} tok/s ({tps[0]:,.0f}-{tps[-1]:,.0f})"
+      print(f"  {row['impl']:<58} {row['device']:<24} {row['tokens_per_s']:>12,.0f} tok/s "
+            f"({tps[0]:,.0f}-{tps[-1]:,.0f})"
             f"  {row['ms_per_pass']:9.2f} ms/pass  (first call {runs[0]['first_call_s']:.1f} s)")
     cores = os.cpu_count() or 1
     print(f"  1-min load average {' -> '.join(f'{x:.2f}' for x in loads)} on {cores} cores")

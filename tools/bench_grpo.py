@@ -30,8 +30,8 @@ gradient_accumulation_steps = minibatch / micro-batch: one optimiser step per l2
 per step, drawn from a shuffle of the generation); num_iterations = ppo_epochs; beta = kl_beta with the k3 KL in
 the loss (l2jax's grpo default kl_in="") and use_bias_correction_kl off (TRL 1.16 multiplies the k3 term by the
 importance ratio by default, DeepSeek-V3.2's correction; l2jax's is DeepSeekMath's plain k3), the reference fixed;
-epsilon = clip (both sides of the ratio), no entropy bonus, no off-policy masking; loss_type "grpo" for l2jax's loss_normalization
-"sequence" (its grpo default: the mean over responses of their token means) or "bnpo" for "token";
+epsilon = clip (both sides of the ratio), no entropy bonus, no off-policy masking; loss_type "grpo" for l2jax's
+loss_normalization "sequence" (its grpo default: the mean over responses of their token means) or "bnpo" for "token";
 scale_rewards "group" (both: group std, unbiased, + 1e-4); max_completion_length = max_new_tokens, temperature,
 top_p 1, top_k 0, no vLLM, float32 on the CPU, no gradient checkpointing; AdamW (lr, betas, eps, weight decay on
 matrices and embeddings only, checked against l2jax's mask) with the gradient clipped to its global norm, a
@@ -182,7 +182,8 @@ def timing(runs: dict) -> dict:
   for side, rs in runs.items():
     out[side] = {"s_per_iter": spread([steady_median(r["iter_s"]) for r in rs]),
                  **{k: spread([r["phase_s"][k] for r in rs]) for k in ("generate", "score", "train")},
-                 "first_iter_s": spread([r["iter_s"][0] for r in rs]), "train_s": spread([sum(r["iter_s"]) for r in rs])}
+                 "first_iter_s": spread([r["iter_s"][0] for r in rs]),
+                 "train_s": spread([sum(r["iter_s"]) for r in rs])}
   return out
 
 

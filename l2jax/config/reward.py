@@ -62,8 +62,8 @@ class RewardModel:
   set). init: an l2jax chat / SFT checkpoint directory for the backbone ("" = random); the head starts fresh.
   margin: "none", "small" or "large" (Table 27). seq_len: tokens per row (a pair is two rows; longer rows keep
   BOS and their last tokens); buckets: a batch is padded to the power-of-two bucket of its longest row, at most
-  seq_len (false: every batch to seq_len; the losses are the same). global_batch: pairs per step (512 in the paper, 1024 rows). micro_batch: pairs
-  per accumulation step (0 = none). epochs: passes over the training mixture (1 in the paper); steps: 0 =
+  seq_len (false: every batch to seq_len; the losses are the same). global_batch: pairs per step (512 in the
+  paper, 1024 rows). micro_batch: pairs per accumulation step (0 = none). epochs: passes over the training mixture (1 in the paper); steps: 0 =
   ceil(epochs * pairs / global_batch). warmup_fraction, min_warmup: warmup = max(min_warmup,
   ceil(warmup_fraction * steps)) (3% with a minimum of 5 in the paper); warmup_fraction 0 keeps
   optim.warmup_steps. eval_every: steps between held-out evaluations (always at the end); eval_batch: pairs

@@ -115,7 +115,8 @@ def make_update(policy_graphdef, value_graphdef, policy_opt: optax.GradientTrans
                 policy_loss: Callable | None = None) -> Callable:
   """update(state, data {UPDATE_FIELDS: [B, T]}, key_data) -> (new state, metrics averaged over mini-batches).
 
-  minibatch, micro_batch: rows. new_tokens: the response window of the policy's head (`logprobs_fn`). policy_loss: replaces PPO's (`group_policy_loss_fn`); value_graphdef None: no
+  minibatch, micro_batch: rows. new_tokens: the response window of the policy's head (`logprobs_fn`).
+  policy_loss: replaces PPO's (`group_policy_loss_fn`); value_graphdef None: no
   value model (data holds the fields the policy loss reads, GROUP_UPDATE_FIELDS).
   """
   p_loss = policy_loss or policy_loss_fn(policy_graphdef, clip, temperature, new_tokens)

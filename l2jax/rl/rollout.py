@@ -145,6 +145,18 @@ def response_start(mask_bt: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.argmax(mask_bt, axis=1), 1).astype(jnp.int32)
 
 
+def policy_and_reference(policy_graphdef, ref_graphdef, temperature: float) -> Callable:
+  """fn(policy_params, ref_params, tokens [B, T], mask [B, T], n) -> (log pi, entropy of pi, log pi_0), float32
+  [B, T], on each row's window of n response positions (`window_logprobs` from `response_start`), at the
+  sampling temperature: the scoring shared by PPO and the group estimators."""
+  def fn(policy_params, ref_params, tokens_bt, mask_bt, n: int):
+    start_b = response_start(mask_bt)
+    lp_bt, ent_bt = window_logprobs(nnx.merge(policy_graphdef, policy_params), tokens_bt, start_b, n, temperature)
+    ref_lp_bt, _ = window_logprobs(nnx.merge(ref_graphdef, ref_params), tokens_bt, start_b, n, temperature)
+    return lp_bt, ent_bt, ref_lp_bt
+  return fn
+
+
 def chunked(fn: Callable, chunks: int, *xs):
   """fn over the rows of xs in `chunks` chunks (lax.map; chunk i = rows i::chunks, as the train step splits
   micro-batches), so a big batch's [B, T, V] logits never live at once; chunks <= 1 calls fn once."""
@@ -232,9 +244,10 @@ def make_score(policy_graphdef, ref_graphdef, value_graphdef, reward_fn: RewardF
   chunks: the forward passes run over the rows in this many chunks (memory; the result is the same).
   temperature: the sampling temperature; log-probabilities and entropy are those of logits / temperature.
   """
-  def forward(params, frozen, tokens_bt, start_b, n):
-    lp_bt, ent_bt = window_logprobs(nnx.merge(policy_graphdef, params["policy"]), tokens_bt, start_b, n, temperature)
-    ref_lp_bt, _ = window_logprobs(nnx.merge(ref_graphdef, frozen["ref"]), tokens_bt, start_b, n, temperature)
+  logprobs = policy_and_reference(policy_graphdef, ref_graphdef, temperature)
+
+  def forward(params, frozen, tokens_bt, mask_bt, n):
+    lp_bt, ent_bt, ref_lp_bt = logprobs(params["policy"], frozen["ref"], tokens_bt, mask_bt, n)
     v_bt = shift_right(nnx.merge(value_graphdef, params["value"]).values(tokens_bt))
     return lp_bt, ent_bt, ref_lp_bt, v_bt
 
@@ -242,8 +255,8 @@ def make_score(policy_graphdef, ref_graphdef, value_graphdef, reward_fn: RewardF
     tokens, mask, seq_mask = assemble(batch["prompt_tokens"], batch["prompt_lens"], resp.tokens_bn,
                                       resp.lengths_b, pad_id)
     tokens = shd.constrain(tokens, ("batch", "seq"))
-    start_b, n = jnp.maximum(batch["prompt_lens"], 1), resp.tokens_bn.shape[1]
-    lp, ent, ref_lp, v = chunked(lambda t, s: forward(params, frozen, t, s, n), chunks, tokens, start_b)
+    n = resp.tokens_bn.shape[1]
+    lp, ent, ref_lp, v = chunked(lambda t, m: forward(params, frozen, t, m, n), chunks, tokens, mask)
     helpful_b, safety_b = chunked(lambda t, s, m: reward_fn(frozen, t, s, m), chunks, tokens, seq_mask, mask)
     zero = lambda x: jnp.where(mask, x, 0.0)
     lp, ref_lp, v = zero(lp), zero(ref_lp), zero(v)
@@ -279,17 +292,14 @@ def make_group_score(policy_graphdef, ref_graphdef, reward_fn: RewardFn, *, esti
     raise ValueError(f"make_group_score: kl_in must be 'reward' or 'loss', found {kl_in!r}")
   estimate = adv_lib.grpo if estimator == "grpo" else adv_lib.rloo
 
-  def forward(params, frozen, tokens_bt, start_b, n):
-    lp_bt, ent_bt = window_logprobs(nnx.merge(policy_graphdef, params["policy"]), tokens_bt, start_b, n, temperature)
-    ref_lp_bt, _ = window_logprobs(nnx.merge(ref_graphdef, frozen["ref"]), tokens_bt, start_b, n, temperature)
-    return lp_bt, ent_bt, ref_lp_bt
+  logprobs = policy_and_reference(policy_graphdef, ref_graphdef, temperature)
 
   def score(params, frozen, batch, resp: Responses) -> Rollout:
     tokens, mask, seq_mask = assemble(batch["prompt_tokens"], batch["prompt_lens"], resp.tokens_bn,
                                       resp.lengths_b, pad_id)
     tokens = shd.constrain(tokens, ("batch", "seq"))
-    start_b, n = jnp.maximum(batch["prompt_lens"], 1), resp.tokens_bn.shape[1]
-    lp, ent, ref_lp = chunked(lambda t, s: forward(params, frozen, t, s, n), chunks, tokens, start_b)
+    n = resp.tokens_bn.shape[1]
+    lp, ent, ref_lp = chunked(lambda t, m: logprobs(params["policy"], frozen["ref"], t, m, n), chunks, tokens, mask)
     helpful_b, safety_b = chunked(lambda t, s, m: reward_fn(frozen, t, s, m), chunks, tokens, seq_mask, mask)
     zero = lambda x: jnp.where(mask, x, 0.0)
     lp, ref_lp = zero(lp), zero(ref_lp)

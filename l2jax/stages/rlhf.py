@@ -19,7 +19,8 @@ each through `l2jax.launch.launch` (its run-dir checks, lock, resume), with `*_s
 whose final/ exists is not launched again, so rerunning the command redoes nothing. Then RUN_DIR/versions.json
 (every stage in order), the versions evaluation (l2jax.eval.versions: every version against SFT, judged by the
 held-out judges, on the "report" half of the held-out prompts; Table 30 consistency from GAtt on) in
-RUN_DIR/eval, RUN_DIR/final (a symlink to the RL stage's final/, else the last version's, so `experiments/rlhf.py:ARG` is itself an
+RUN_DIR/eval, RUN_DIR/final (a symlink to the RL stage's final/, else the last version's, so
+`experiments/rlhf.py:ARG` is itself an
 experiment reference), and report.md (l2jax.report).
 """
 from __future__ import annotations
